@@ -1,0 +1,1 @@
+"""Keyplane: API-key management service."""

@@ -1,0 +1,73 @@
+"""The app factory: `create_app(settings)` builds the whole HTTP application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Route
+from tortoise.contrib.starlette import RegisterTortoise
+
+from app.changes import ChangeFeed
+from app.clock import Clock, SystemClock
+from app.db import tortoise_config
+from app.http.graphql import GraphQLEndpoint, KeyplaneGraphQL
+from app.http.health import health
+from app.services import Services
+from app.services.auth import FailureLimiter
+from app.settings import Settings
+from resolvers.schema import build_schema
+
+
+def create_app(settings: Settings | None = None, *, clock: Clock | None = None) -> Starlette:
+    """Build the Keyplane ASGI app. Tests pass their own settings and clock."""
+    settings = settings or Settings.from_env()
+    services = Services(settings=settings, clock=clock or SystemClock(), changes=ChangeFeed())
+    schema = build_schema(introspection=settings.introspection)
+    view = KeyplaneGraphQL(
+        schema, graphql_ide="graphiql" if settings.graphiql else None, allow_queries_via_get=False
+    )
+    graphql = GraphQLEndpoint(
+        view,
+        services,
+        FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window_seconds),
+        graphiql=settings.graphiql,
+        introspection=settings.introspection,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with RegisterTortoise(app, config=tortoise_config(settings.database_url)):
+            yield
+
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type"],
+                allow_credentials=True,
+                max_age=600,
+            )
+        )
+    app = Starlette(
+        routes=[
+            Route("/graphql", graphql, methods=["GET", "POST"]),
+            Route("/governance/health", health, methods=["GET"]),
+        ],
+        middleware=middleware,
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    app.state.settings = settings
+    return app
+
+
+def app_from_env() -> Starlette:
+    """Factory for `uvicorn --factory` (what `keyplane serve` runs in each worker)."""
+    return create_app(Settings.from_env())

@@ -1,0 +1,50 @@
+"""Roles: named permission sets a key can hold besides its direct permissions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tortoise.transactions import in_transaction
+
+from app.errors import NotFound, ValidationFailed
+from app.permissions import KEY_CREATE, KEY_VIEW
+from app.services import Services, audit
+from app.services.principal import Principal
+from app.services.validation import clean_name, clean_permissions, require_public_id
+from app.tokens import new_public_id
+from models import Role
+
+
+async def list_roles(principal: Principal) -> list[Role]:
+    principal.require(KEY_VIEW)
+    return await Role.filter(workspace_id=principal.workspace_id).order_by("id")
+
+
+async def get_role(principal: Principal, role_id: str) -> Role:
+    require_public_id(role_id, "role", "role")
+    role = await Role.get_or_none(public_id=role_id, workspace_id=principal.workspace_id)
+    if role is None:
+        raise NotFound(f"role {role_id!r} not found")
+    return role
+
+
+async def create_role(
+    services: Services, principal: Principal, name: str, permissions: Sequence[str]
+) -> Role:
+    principal.require(KEY_CREATE)
+    name = clean_name(name, "role name", limit=64)
+    cleaned = clean_permissions(permissions)
+    now = services.clock.now()
+    async with in_transaction():
+        if await Role.exists(workspace_id=principal.workspace_id, name=name):
+            raise ValidationFailed(f"role {name!r} already exists", field="name")
+        role = await Role.create(
+            public_id=new_public_id("role"),
+            workspace_id=principal.workspace_id,
+            name=name,
+            permissions=cleaned,
+        )
+        await audit.record(
+            principal, "role.create", now, role=role.public_id, name=name, permissions=cleaned
+        )
+    return role

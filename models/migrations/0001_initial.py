@@ -1,0 +1,177 @@
+from tortoise import migrations
+from tortoise.migrations import operations as ops
+import functools
+from json import dumps, loads
+from models import KeyKind, KeyStatus, MemberRole, Plan
+from tortoise.fields.base import OnDelete
+from tortoise import fields
+from tortoise.indexes import Index
+
+class Migration(migrations.Migration):
+    initial = True
+
+    operations = [
+        ops.CreateModel(
+            name='Denial',
+            fields=[
+                ('id', fields.BigIntField(generated=True, primary_key=True, unique=True, db_index=True)),
+                ('workspace_id', fields.IntField(null=True)),
+                ('environment_id', fields.IntField(null=True)),
+                ('key_id', fields.CharField(null=True, max_length=32)),
+                ('at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
+                ('ip', fields.CharField(max_length=45)),
+                ('origin', fields.CharField(null=True, max_length=300)),
+                ('code', fields.CharField(max_length=32)),
+                ('message', fields.CharField(max_length=200)),
+                ('count', fields.IntField(default=1)),
+            ],
+            options={'table': 'denials', 'app': 'keyplane', 'indexes': [Index(fields=['workspace_id', 'at']), Index(fields=['key_id', 'at']), Index(fields=['ip', 'at'])], 'pk_attr': 'id', 'table_description': 'One refused verification (or, under a flood, several folded into `count`).'},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='UsageBucket',
+            fields=[
+                ('id', fields.BigIntField(generated=True, primary_key=True, unique=True, db_index=True)),
+                ('workspace_id', fields.IntField()),
+                ('environment_id', fields.IntField()),
+                ('key_id', fields.CharField(max_length=32)),
+                ('bucket_start', fields.DatetimeField(auto_now=False, auto_now_add=False)),
+                ('total_requests', fields.BigIntField(default=0)),
+                ('successful_requests', fields.BigIntField(default=0)),
+                ('failed_requests', fields.BigIntField(default=0)),
+            ],
+            options={'table': 'usage_buckets', 'app': 'keyplane', 'unique_together': (('key_id', 'bucket_start'),), 'indexes': [Index(fields=['environment_id', 'bucket_start'])], 'pk_attr': 'id', 'table_description': 'Pre-aggregated verification counts per key per hour, written by the batched flush.'},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='Workspace',
+            fields=[
+                ('id', fields.IntField(generated=True, primary_key=True, unique=True, db_index=True)),
+                ('public_id', fields.CharField(unique=True, max_length=32)),
+                ('name', fields.CharField(unique=True, max_length=100)),
+                ('plan', fields.CharEnumField(default=Plan.GROWTH, description='FREE: FREE\nSTARTER: STARTER\nGROWTH: GROWTH\nSCALE: SCALE\nSCALE_BUSINESS: SCALE_BUSINESS\nSCALE_ENTERPRISE: SCALE_ENTERPRISE', enum_type=Plan, max_length=20)),
+                ('key_prefix', fields.CharField(default='kp', max_length=12)),
+                ('created_at', fields.DatetimeField(auto_now=False, auto_now_add=True)),
+            ],
+            options={'table': 'workspaces', 'app': 'keyplane', 'pk_attr': 'id'},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='AuditEvent',
+            fields=[
+                ('id', fields.IntField(generated=True, primary_key=True, unique=True, db_index=True)),
+                ('workspace', fields.ForeignKeyField('keyplane.Workspace', source_field='workspace_id', db_constraint=True, to_field='id', related_name='audit_events', on_delete=OnDelete.CASCADE)),
+                ('at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
+                ('action', fields.CharField(max_length=64)),
+                ('actor', fields.CharField(max_length=200)),
+                ('key_id', fields.CharField(null=True, db_index=True, max_length=32)),
+                ('detail', fields.TextField(null=True, unique=False)),
+            ],
+            options={'table': 'audit_events', 'app': 'keyplane', 'indexes': [Index(fields=['workspace_id', 'id'])], 'pk_attr': 'id'},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='Environment',
+            fields=[
+                ('id', fields.IntField(generated=True, primary_key=True, unique=True, db_index=True)),
+                ('public_id', fields.CharField(unique=True, max_length=32)),
+                ('workspace', fields.ForeignKeyField('keyplane.Workspace', source_field='workspace_id', db_constraint=True, to_field='id', related_name='environments', on_delete=OnDelete.CASCADE)),
+                ('name', fields.CharField(max_length=64)),
+                ('client_side_id', fields.CharField(unique=True, max_length=64)),
+                ('authorized_origins', fields.JSONField(default=list, encoder=functools.partial(dumps, separators=(',', ':')), decoder=loads)),
+                ('rotation_policy_days', fields.IntField(default=90)),
+                ('created_at', fields.DatetimeField(auto_now=False, auto_now_add=True)),
+            ],
+            options={'table': 'environments', 'app': 'keyplane', 'unique_together': (('workspace', 'name'),), 'pk_attr': 'id'},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='ManagementToken',
+            fields=[
+                ('id', fields.IntField(generated=True, primary_key=True, unique=True, db_index=True)),
+                ('public_id', fields.CharField(unique=True, max_length=32)),
+                ('workspace', fields.ForeignKeyField('keyplane.Workspace', source_field='workspace_id', db_constraint=True, to_field='id', related_name='management_tokens', on_delete=OnDelete.CASCADE)),
+                ('name', fields.CharField(max_length=100)),
+                ('token_hash', fields.CharField(unique=True, max_length=64)),
+                ('permissions', fields.JSONField(default=list, encoder=functools.partial(dumps, separators=(',', ':')), decoder=loads)),
+                ('created_at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
+                ('last_used_at', fields.DatetimeField(null=True, auto_now=False, auto_now_add=False)),
+                ('revoked_at', fields.DatetimeField(null=True, auto_now=False, auto_now_add=False)),
+            ],
+            options={'table': 'management_tokens', 'app': 'keyplane', 'pk_attr': 'id'},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='Member',
+            fields=[
+                ('id', fields.IntField(generated=True, primary_key=True, unique=True, db_index=True)),
+                ('public_id', fields.CharField(unique=True, max_length=32)),
+                ('workspace', fields.ForeignKeyField('keyplane.Workspace', source_field='workspace_id', db_constraint=True, to_field='id', related_name='members', on_delete=OnDelete.CASCADE)),
+                ('email', fields.CharField(max_length=254)),
+                ('name', fields.CharField(null=True, max_length=100)),
+                ('role', fields.CharEnumField(description='OWNER: OWNER\nADMIN: ADMIN\nDEVELOPER: DEVELOPER\nVIEWER: VIEWER', enum_type=MemberRole, max_length=16)),
+                ('password_hash', fields.CharField(null=True, max_length=255)),
+                ('created_at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
+            ],
+            options={'table': 'members', 'app': 'keyplane', 'unique_together': (('workspace', 'email'),), 'pk_attr': 'id'},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='Role',
+            fields=[
+                ('id', fields.IntField(generated=True, primary_key=True, unique=True, db_index=True)),
+                ('public_id', fields.CharField(unique=True, max_length=32)),
+                ('workspace', fields.ForeignKeyField('keyplane.Workspace', source_field='workspace_id', db_constraint=True, to_field='id', related_name='roles', on_delete=OnDelete.CASCADE)),
+                ('name', fields.CharField(max_length=64)),
+                ('permissions', fields.JSONField(default=list, encoder=functools.partial(dumps, separators=(',', ':')), decoder=loads)),
+                ('built_in', fields.BooleanField(default=False)),
+                ('created_at', fields.DatetimeField(auto_now=False, auto_now_add=True)),
+            ],
+            options={'table': 'roles', 'app': 'keyplane', 'unique_together': (('workspace', 'name'),), 'pk_attr': 'id'},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='ApiKey',
+            fields=[
+                ('id', fields.IntField(generated=True, primary_key=True, unique=True, db_index=True)),
+                ('public_id', fields.CharField(unique=True, max_length=32)),
+                ('workspace', fields.ForeignKeyField('keyplane.Workspace', source_field='workspace_id', db_constraint=True, to_field='id', related_name='keys', on_delete=OnDelete.CASCADE)),
+                ('environment', fields.ForeignKeyField('keyplane.Environment', source_field='environment_id', db_constraint=True, to_field='id', related_name='keys', on_delete=OnDelete.CASCADE)),
+                ('name', fields.CharField(max_length=100)),
+                ('description', fields.TextField(null=True, unique=False)),
+                ('type', fields.CharEnumField(description='SERVER: SERVER\nMOBILE: MOBILE\nCLIENT_SIDE: CLIENT_SIDE', enum_type=KeyKind, max_length=16)),
+                ('secret_hash', fields.CharField(unique=True, max_length=64)),
+                ('prefix', fields.CharField(max_length=40)),
+                ('status', fields.CharEnumField(default=KeyStatus.ENABLED, description='ENABLED: ENABLED\nDISABLED: DISABLED\nREVOKED: REVOKED', enum_type=KeyStatus, max_length=16)),
+                ('permissions', fields.JSONField(default=list, encoder=functools.partial(dumps, separators=(',', ':')), decoder=loads)),
+                ('role', fields.ForeignKeyField('keyplane.Role', source_field='role_id', null=True, db_constraint=True, to_field='id', related_name='keys', on_delete=OnDelete.SET_NULL)),
+                ('allowed_ips', fields.JSONField(default=list, encoder=functools.partial(dumps, separators=(',', ':')), decoder=loads)),
+                ('expires_at', fields.DatetimeField(null=True, auto_now=False, auto_now_add=False)),
+                ('revoked_at', fields.DatetimeField(null=True, auto_now=False, auto_now_add=False)),
+                ('grace_ends_at', fields.DatetimeField(null=True, auto_now=False, auto_now_add=False)),
+                ('rotated_from', fields.CharField(null=True, max_length=32)),
+                ('rotated_to', fields.CharField(null=True, max_length=32)),
+                ('created_at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
+                ('updated_at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
+                ('last_used_at', fields.DatetimeField(null=True, auto_now=False, auto_now_add=False)),
+                ('total_requests', fields.BigIntField(default=0)),
+                ('successful_requests', fields.BigIntField(default=0)),
+                ('failed_requests', fields.BigIntField(default=0)),
+            ],
+            options={'table': 'api_keys', 'app': 'keyplane', 'indexes': [Index(fields=['workspace_id', 'created_at']), Index(fields=['environment_id', 'status'])], 'pk_attr': 'id'},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='Session',
+            fields=[
+                ('id', fields.IntField(generated=True, primary_key=True, unique=True, db_index=True)),
+                ('member', fields.ForeignKeyField('keyplane.Member', source_field='member_id', db_constraint=True, to_field='id', related_name='sessions', on_delete=OnDelete.CASCADE)),
+                ('token_hash', fields.CharField(unique=True, max_length=64)),
+                ('created_at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
+                ('expires_at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
+                ('ended_at', fields.DatetimeField(null=True, auto_now=False, auto_now_add=False)),
+            ],
+            options={'table': 'sessions', 'app': 'keyplane', 'pk_attr': 'id'},
+            bases=['Model'],
+        ),
+    ]

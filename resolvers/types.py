@@ -1,0 +1,216 @@
+"""GraphQL object types, each built explicitly from a model with `from_model()`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+
+import strawberry
+
+import models
+from resolvers.context import Info
+from resolvers.scalars import BigInt
+
+
+@strawberry.enum(name="KeyType")
+class KeyType(Enum):
+    SERVER = "SERVER"
+    MOBILE = "MOBILE"
+    CLIENT_SIDE = "CLIENT_SIDE"
+
+
+@strawberry.enum(name="KeyStatus")
+class KeyStatus(Enum):
+    ENABLED = "ENABLED"
+    DISABLED = "DISABLED"
+    REVOKED = "REVOKED"
+
+
+@strawberry.enum(name="Plan")
+class Plan(Enum):
+    FREE = "FREE"
+    STARTER = "STARTER"
+    GROWTH = "GROWTH"
+    SCALE = "SCALE"
+    SCALE_BUSINESS = "SCALE_BUSINESS"
+    SCALE_ENTERPRISE = "SCALE_ENTERPRISE"
+
+
+@strawberry.enum(name="MemberRole")
+class MemberRole(Enum):
+    OWNER = "OWNER"
+    ADMIN = "ADMIN"
+    DEVELOPER = "DEVELOPER"
+    VIEWER = "VIEWER"
+
+
+@strawberry.type(name="Environment")
+class EnvironmentType:
+    id: strawberry.ID
+    name: str
+    client_side_id: str = strawberry.field(
+        description="Public client-side ID for browsers; valid only from authorizedOrigins."
+    )
+    authorized_origins: list[str]
+    rotation_policy_days: int
+
+    @classmethod
+    def from_model(cls, env: models.Environment) -> EnvironmentType:
+        return cls(
+            id=strawberry.ID(env.public_id),
+            name=env.name,
+            client_side_id=env.client_side_id,
+            authorized_origins=list(env.authorized_origins),
+            rotation_policy_days=env.rotation_policy_days,
+        )
+
+
+@strawberry.type(name="Role")
+class RoleType:
+    id: strawberry.ID
+    name: str
+    permissions: list[str]
+    built_in: bool
+
+    @classmethod
+    def from_model(cls, role: models.Role) -> RoleType:
+        return cls(
+            id=strawberry.ID(role.public_id),
+            name=role.name,
+            permissions=list(role.permissions),
+            built_in=role.built_in,
+        )
+
+
+@strawberry.type(name="KeyUsage")
+class KeyUsage:
+    total_requests: BigInt
+    successful_requests: BigInt
+    failed_requests: BigInt
+    last_used_at: datetime | None
+
+
+@strawberry.type(name="ApiKey")
+class ApiKeyType:
+    id: strawberry.ID = strawberry.field(description="Public key ID (key_…), safe to log.")
+    name: str
+    description: str | None
+    type: KeyType
+    prefix: str = strawberry.field(description="The token's first characters.")
+    status: KeyStatus
+    permissions: list[str]
+    allowed_ips: list[str]
+    created_at: datetime
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    grace_ends_at: datetime | None
+    rotated_from_id: strawberry.ID | None
+    rotated_to_id: strawberry.ID | None
+    usage: KeyUsage
+    environment_pk: strawberry.Private[int]
+    role_pk: strawberry.Private[int | None]
+
+    @strawberry.field
+    async def environment(self, info: Info) -> EnvironmentType:
+        env = await info.context.loaders.environment.load(self.environment_pk)
+        assert env is not None  # a key's environment is a non-null foreign key
+        return EnvironmentType.from_model(env)
+
+    @strawberry.field
+    async def role(self, info: Info) -> RoleType | None:
+        if self.role_pk is None:
+            return None
+        role = await info.context.loaders.role.load(self.role_pk)
+        return RoleType.from_model(role) if role else None
+
+    @classmethod
+    def from_model(cls, key: models.ApiKey) -> ApiKeyType:
+        return cls(
+            id=strawberry.ID(key.public_id),
+            name=key.name,
+            description=key.description,
+            type=KeyType(key.type.value),
+            prefix=key.prefix,
+            status=KeyStatus(key.status.value),
+            permissions=list(key.permissions),
+            allowed_ips=list(key.allowed_ips),
+            created_at=key.created_at,
+            last_used_at=key.last_used_at,
+            expires_at=key.expires_at,
+            revoked_at=key.revoked_at,
+            grace_ends_at=key.grace_ends_at,
+            rotated_from_id=strawberry.ID(key.rotated_from) if key.rotated_from else None,
+            rotated_to_id=strawberry.ID(key.rotated_to) if key.rotated_to else None,
+            usage=KeyUsage(
+                total_requests=BigInt(key.total_requests),
+                successful_requests=BigInt(key.successful_requests),
+                failed_requests=BigInt(key.failed_requests),
+                last_used_at=key.last_used_at,
+            ),
+            environment_pk=key.environment_id,
+            role_pk=key.role_id,
+        )
+
+
+@strawberry.type(name="Workspace")
+class WorkspaceType:
+    id: strawberry.ID
+    name: str
+    plan: Plan
+    key_prefix: str
+    key_limit: int | None = strawberry.field(description="Active keys allowed; null = unlimited.")
+    active_key_count: int
+
+
+@strawberry.type(name="PageInfo")
+class PageInfo:
+    has_next_page: bool
+    end_cursor: str | None
+
+
+@strawberry.type(name="KeyEdge")
+class KeyEdge:
+    node: ApiKeyType
+    cursor: str
+
+
+@strawberry.type(name="KeyConnection")
+class KeyConnection:
+    edges: list[KeyEdge]
+    page_info: PageInfo
+    total_count: int
+
+
+@strawberry.type(name="AuditEvent")
+class AuditEventType:
+    id: strawberry.ID
+    at: datetime
+    action: str
+    actor: str
+    key_id: strawberry.ID | None
+    detail: str | None
+
+    @classmethod
+    def from_model(cls, event: models.AuditEvent) -> AuditEventType:
+        return cls(
+            id=strawberry.ID(f"evt_{event.id}"),
+            at=event.at,
+            action=event.action,
+            actor=event.actor,
+            key_id=strawberry.ID(event.key_id) if event.key_id else None,
+            detail=event.detail,
+        )
+
+
+@strawberry.type(name="AuditEdge")
+class AuditEdge:
+    node: AuditEventType
+    cursor: str
+
+
+@strawberry.type(name="AuditConnection")
+class AuditConnection:
+    edges: list[AuditEdge]
+    page_info: PageInfo
+    total_count: int

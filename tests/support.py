@@ -1,0 +1,83 @@
+"""Helpers shared by the tests: a movable clock, a GraphQL caller, a fresh workspace."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+
+_names = itertools.count()
+
+
+class OffsetClock:
+    """Real time plus an offset tests can push forward (no sleeping through grace periods)."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, **delta: float) -> None:
+        self.offset += timedelta(**delta)
+
+
+async def gql(
+    client: httpx.AsyncClient,
+    query: str,
+    variables: dict[str, Any] | None = None,
+    *,
+    token: str | None = None,
+    expect_status: int = 200,
+) -> dict[str, Any]:
+    """POST a GraphQL operation; assert the HTTP status and return the JSON body."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    response = await client.post(
+        "/graphql", json={"query": query, "variables": variables or {}}, headers=headers
+    )
+    assert response.status_code == expect_status, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+@dataclass
+class WorkspaceHandle:
+    """A freshly bootstrapped workspace and an HTTP client authenticated as its owner."""
+
+    client: httpx.AsyncClient
+    id: str
+    name: str
+    token: str
+    environments: dict[str, str] = field(default_factory=dict)  # name -> env ID
+    client_side_ids: dict[str, str] = field(default_factory=dict)
+
+    async def q(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run an operation as the owner and return `data`, failing on any top-level error."""
+        body = await gql(self.client, query, variables, token=self.token)
+        assert "errors" not in body, body
+        data: dict[str, Any] = body["data"]
+        return data
+
+    async def raw(
+        self, query: str, variables: dict[str, Any] | None = None, token: str | None = None
+    ) -> dict[str, Any]:
+        return await gql(self.client, query, variables, token=token or self.token)
+
+    async def create_key(self, env: str = "production", **fields: Any) -> tuple[str, str]:
+        """Create a key in an environment; returns (key ID, secret)."""
+        data = await self.q(
+            """mutation($input: CreateKeyInput!) { createKey(input: $input) {
+                 __typename ... on CreateKeySuccess { secret key { id } }
+                 ... on Error { code message } } }""",
+            {"input": {"environmentId": self.environments[env], "name": "key", **fields}},
+        )
+        result = data["createKey"]
+        assert result["__typename"] == "CreateKeySuccess", result
+        return result["key"]["id"], result["secret"]
+
+
+def unique_name(base: str = "ws") -> str:
+    return f"{base}-{next(_names)}-{datetime.now(UTC).strftime('%H%M%S%f')}"
