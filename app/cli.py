@@ -27,17 +27,31 @@ def _settings() -> Settings:
 
 
 async def _bootstrap(
-    settings: Settings, name: str, plan: str, key_prefix: str, only_if_new: bool
+    settings: Settings,
+    name: str,
+    plan: str,
+    key_prefix: str,
+    only_if_new: bool,
+    owner: tuple[str, str] | None = None,
 ) -> dict[str, str] | None:
+    from app.services.members import check_new_password, clean_email, set_owner
     from app.services.workspaces import bootstrap, parse_plan
     from models import Workspace
 
+    # Check everything the user typed before touching the database.
+    chosen_plan = parse_plan(plan)
+    if owner is not None:
+        clean_email(owner[0])
+        check_new_password(owner[1])
     await migrate(settings.database_url)
     await Tortoise.init(config=tortoise_config(settings.database_url))
     try:
         if only_if_new and await Workspace.exists(name=name):
             return None
-        result = await bootstrap(name, parse_plan(plan), key_prefix, SystemClock().now())
+        now = SystemClock().now()
+        result = await bootstrap(name, chosen_plan, key_prefix, now)
+        if owner is not None:
+            await set_owner(result.workspace, owner[0], owner[1], now)
         return {"workspaceId": result.workspace.public_id, "token": result.token}
     finally:
         await Tortoise.close_connections()
@@ -52,8 +66,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     settings = _settings()
+    owner = None
+    if args.email is not None:
+        # The password comes from the first line of stdin, never from argv (visible in ps).
+        password = sys.stdin.readline().rstrip("\r\n")
+        owner = (args.email, password)
     try:
-        out = asyncio.run(_bootstrap(settings, args.workspace, args.plan, args.key_prefix, False))
+        out = asyncio.run(
+            _bootstrap(settings, args.workspace, args.plan, args.key_prefix, False, owner)
+        )
     except ValidationFailed as exc:
         print(f"keyplane bootstrap: {exc.message}", file=sys.stderr)
         return 2
@@ -130,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     boot.add_argument("--workspace", required=True)
     boot.add_argument("--plan", default="GROWTH")
     boot.add_argument("--key-prefix", default="kp")
+    boot.add_argument("--email", help="also create (or reset) this owner; password on stdin")
     boot.set_defaults(func=cmd_bootstrap)
     sub.add_parser("bootstrap-default", help=argparse.SUPPRESS).set_defaults(
         func=cmd_bootstrap_default

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from strawberry.dataloader import DataLoader
@@ -45,6 +46,11 @@ class Context:
     client_ip: str | None
     bearer: str | None
     loaders: Loaders = field(default_factory=Loaders)
+    # Counts a failed login against the client IP (the gate answers 429 past the limit).
+    on_auth_failure: Callable[[], None] = lambda: None
+
+    def record_auth_failure(self) -> None:
+        self.on_auth_failure()
 
     @property
     def operator(self) -> Principal:

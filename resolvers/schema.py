@@ -25,6 +25,7 @@ from resolvers.audit import AuditQueries
 from resolvers.context import Unauthenticated
 from resolvers.keys import KeyMutations, KeyQueries
 from resolvers.management_tokens import ManagementTokenMutations
+from resolvers.members import MemberMutations, MemberQueries
 from resolvers.roles import RoleMutations, RoleQueries
 from resolvers.scalars import SCALAR_MAP
 from resolvers.workspace import WorkspaceMutations, WorkspaceQueries
@@ -37,12 +38,14 @@ MAX_TOKENS = 2000
 
 
 @strawberry.type
-class Query(KeyQueries, WorkspaceQueries, RoleQueries, AuditQueries):
+class Query(KeyQueries, WorkspaceQueries, RoleQueries, AuditQueries, MemberQueries):
     pass
 
 
 @strawberry.type
-class Mutation(KeyMutations, WorkspaceMutations, RoleMutations, ManagementTokenMutations):
+class Mutation(
+    KeyMutations, WorkspaceMutations, RoleMutations, ManagementTokenMutations, MemberMutations
+):
     pass
 
 

@@ -113,12 +113,15 @@ class GraphQLEndpoint:
         needs_auth = fields is None or not fields <= self.public_fields
         bearer = _bearer(request.headers.get("authorization"))
         principal = None
-        if bearer is not None or needs_auth:
-            if self.limiter.blocked(ip_text):
-                await _error(
-                    429, "RATE_LIMITED", "Too many failed authentications; try again later"
-                )(scope, receive, send)
-                return
+        # Every POST may authenticate (a bearer or a login), so a client IP over its failure
+        # budget is refused before any of them is tried.
+        if self.limiter.blocked(ip_text):
+            await _error(429, "RATE_LIMITED", "Too many failed authentications; try again later")(
+                scope, receive, send
+            )
+            return
+        login_only = fields is not None and fields <= PUBLIC_FIELDS
+        if needs_auth or (bearer is not None and not login_only):
             if bearer is None:
                 await _error(401, "UNAUTHENTICATED", "Missing bearer token")(scope, receive, send)
                 return
@@ -130,7 +133,11 @@ class GraphQLEndpoint:
                 )
                 return
         scope.setdefault("state", {})[CONTEXT_KEY] = Context(
-            services=self.services, principal=principal, client_ip=ip_text, bearer=bearer
+            services=self.services,
+            principal=principal,
+            client_ip=ip_text,
+            bearer=bearer,
+            on_auth_failure=lambda: self.limiter.record_failure(ip_text),
         )
         await self.view(scope, _replay(body, receive), send)
 

@@ -1,0 +1,195 @@
+"""Team members: people who log in to a workspace's dashboard, with sessions they can end."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from tortoise.transactions import in_transaction
+
+from app.errors import InvalidCredentials, InvalidState, NotFound, ValidationFailed
+from app.passwords import (
+    MAX_PASSWORD,
+    MIN_PASSWORD,
+    check_password,
+    equalise_timing,
+    hash_password,
+)
+from app.permissions import KEY_VIEW, MEMBER_MANAGE
+from app.services import Services, audit
+from app.services.principal import Principal
+from app.services.validation import require_public_id
+from app.tokens import SESSION_TAG, hash_secret, mint_bearer, new_public_id
+from models import Member, MemberRole, Session, Workspace
+
+SESSION_LIFETIME = timedelta(hours=12)
+_EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}\.[^@\s]{1,63}$")
+GENERIC_LOGIN_FAILURE = "Invalid email or password"
+
+
+@dataclass(frozen=True)
+class LoggedIn:
+    token: str
+    expires_at: datetime
+    member: Member
+
+
+def clean_email(value: str) -> str:
+    email = value.strip().lower()
+    if len(email) > 254 or not _EMAIL_RE.match(email):
+        shown = value if len(value) <= 80 else value[:80] + "…"
+        raise ValidationFailed(f"{shown!r} is not an email address", field="email")
+    return email
+
+
+def check_new_password(password: str) -> str:
+    if len(password) < MIN_PASSWORD:
+        raise ValidationFailed(
+            f"password must be at least {MIN_PASSWORD} characters", field="password"
+        )
+    if len(password) > MAX_PASSWORD:
+        raise ValidationFailed(f"password must be at most {MAX_PASSWORD} characters", "password")
+    return password
+
+
+async def list_members(principal: Principal) -> list[Member]:
+    principal.require(KEY_VIEW)
+    return await Member.filter(workspace_id=principal.workspace_id).order_by("id")
+
+
+async def login(email: str, password: str, now: datetime) -> LoggedIn:
+    """A session for the member with this email and password. Wrong email and wrong password
+    fail alike (same message, same work), so the answer does not reveal who is a member."""
+    try:
+        address = clean_email(email)
+    except ValidationFailed:
+        equalise_timing(password)
+        raise InvalidCredentials(GENERIC_LOGIN_FAILURE) from None
+    member = await Member.get_or_none(email=address)
+    ok, new_hash = check_password(password, member.password_hash if member else None)
+    if member is not None and ok:
+        token = mint_bearer(SESSION_TAG)
+        expires_at = now + SESSION_LIFETIME
+        async with in_transaction():
+            if new_hash is not None:
+                member.password_hash = new_hash
+                await member.save(update_fields=["password_hash"])
+            await Session.create(
+                member=member, token_hash=hash_secret(token), created_at=now, expires_at=expires_at
+            )
+        return LoggedIn(token=token, expires_at=expires_at, member=member)
+    raise InvalidCredentials(GENERIC_LOGIN_FAILURE)
+
+
+async def logout(services: Services, principal: Principal) -> None:
+    """End the calling session (a management token has no session to end)."""
+    if principal.session_id is None:
+        raise InvalidState("logout ends a member's session; this request used a management token")
+    await Session.filter(id=principal.session_id).update(ended_at=services.clock.now())
+
+
+async def _member(principal: Principal, member_id: str) -> Member:
+    require_public_id(member_id, "mem", "member")
+    member = await Member.get_or_none(public_id=member_id, workspace_id=principal.workspace_id)
+    if member is None:
+        raise NotFound(f"member {member_id!r} not found")
+    return member
+
+
+async def _owners(workspace_id: int) -> int:
+    return await Member.filter(workspace_id=workspace_id, role=MemberRole.OWNER).count()
+
+
+async def invite_member(
+    services: Services, principal: Principal, email: str, role: MemberRole
+) -> Member:
+    """Add a member without a password; they can log in once an owner sets one."""
+    principal.require(MEMBER_MANAGE)
+    address = clean_email(email)
+    now = services.clock.now()
+    async with in_transaction():
+        # login(email, password) names no workspace, so an email belongs to one member only.
+        if await Member.exists(email=address):
+            raise ValidationFailed(f"{address!r} is already a member", field="email")
+        member = await Member.create(
+            public_id=new_public_id("mem"),
+            workspace_id=principal.workspace_id,
+            email=address,
+            role=role,
+            created_at=now,
+        )
+        await audit.record(
+            principal, "member.invite", now, member=member.public_id, email=address, role=role.value
+        )
+    return member
+
+
+async def update_member(
+    services: Services, principal: Principal, member_id: str, role: MemberRole
+) -> Member:
+    principal.require(MEMBER_MANAGE)
+    now = services.clock.now()
+    async with in_transaction():
+        member = await _member(principal, member_id)
+        if (
+            member.role == MemberRole.OWNER
+            and role != MemberRole.OWNER
+            and await _owners(principal.workspace_id) <= 1
+        ):
+            raise InvalidState("the workspace's last owner cannot be demoted")
+        previous = member.role
+        member.role = role
+        await member.save(update_fields=["role"])
+        await audit.record(
+            principal,
+            "member.update",
+            now,
+            member=member.public_id,
+            role=role.value,
+            previous=previous.value,
+        )
+    return member
+
+
+async def remove_member(services: Services, principal: Principal, member_id: str) -> str:
+    """Remove a member; their sessions end at once (sessions are checked on every request)."""
+    principal.require(MEMBER_MANAGE)
+    now = services.clock.now()
+    async with in_transaction():
+        member = await _member(principal, member_id)
+        if member.role == MemberRole.OWNER and await _owners(principal.workspace_id) <= 1:
+            raise InvalidState("the workspace's last owner cannot be removed")
+        await Session.filter(member_id=member.id).delete()
+        await member.delete()
+        await audit.record(
+            principal, "member.remove", now, member=member.public_id, email=member.email
+        )
+    return member.public_id
+
+
+async def set_owner(workspace: Workspace, email: str, password: str, now: datetime) -> Member:
+    """Create or reset owner `email` with `password` (the CLI's bootstrap --email)."""
+    address = clean_email(email)
+    check_new_password(password)
+    async with in_transaction():
+        member = await Member.get_or_none(workspace_id=workspace.id, email=address)
+        if member is None and await Member.exists(email=address):
+            raise ValidationFailed(
+                f"{address!r} is already a member of another workspace", field="email"
+            )
+        if member is None:
+            member = await Member.create(
+                public_id=new_public_id("mem"),
+                workspace=workspace,
+                email=address,
+                role=MemberRole.OWNER,
+                password_hash=hash_password(password),
+                created_at=now,
+            )
+        else:
+            member.role = MemberRole.OWNER
+            member.password_hash = hash_password(password)
+            await member.save(update_fields=["role", "password_hash"])
+            await Session.filter(member_id=member.id).update(ended_at=now)
+    return member
