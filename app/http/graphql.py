@@ -12,10 +12,11 @@ from typing import Any
 
 from graphql import GraphQLError, OperationDefinitionNode, parse
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 from strawberry.asgi import GraphQL
 
+from app.http.graphiql import graphiql_page
 from app.net import resolve_client_ip
 from app.services import Services
 from app.services.auth import FailureLimiter, authenticate
@@ -54,6 +55,10 @@ def _top_level_fields(payload: Any) -> set[str] | None:
 
 class KeyplaneGraphQL(GraphQL[Context, None]):
     """Strawberry's ASGI view, given the context the gate prepared."""
+
+    async def render_graphql_ide(self, request: Any) -> HTMLResponse:
+        # Strawberry's own page loads GraphiQL from a CDN; ours ships the assets.
+        return graphiql_page()
 
     async def get_context(self, request: Any, response: Any) -> Context:
         context: Context = request.scope["state"][CONTEXT_KEY]
