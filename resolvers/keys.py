@@ -148,6 +148,7 @@ class KeyQueries:
         search: str | None = None,
         first: int = 50,
         after: str | None = None,
+        rotation_due: bool | None = None,
     ) -> KeyConnection:
         page = await key_service.list_keys(
             info.context.operator,
@@ -157,6 +158,8 @@ class KeyQueries:
             search=search,
             first=first,
             after=after,
+            rotation_due=rotation_due,
+            now=info.context.services.clock.now(),
         )
         edges = [
             KeyEdge(node=ApiKeyType.from_model(key), cursor=cursor)

@@ -8,6 +8,7 @@ from enum import Enum
 import strawberry
 
 import models
+from app.services.keys import rotation_due_at
 from resolvers.context import Info
 from resolvers.scalars import BigInt
 
@@ -116,6 +117,22 @@ class ApiKeyType:
         env = await info.context.loaders.environment.load(self.environment_pk)
         assert env is not None  # a key's environment is a non-null foreign key
         return EnvironmentType.from_model(env)
+
+    @strawberry.field(description="When the environment's rotation policy says to rotate.")
+    async def rotation_due_at(self, info: Info) -> datetime | None:
+        env = await info.context.loaders.environment.load(self.environment_pk)
+        assert env is not None
+        return rotation_due_at(
+            self.created_at,
+            models.KeyKind(self.type.value),
+            models.KeyStatus(self.status.value),
+            env.rotation_policy_days,
+        )
+
+    @strawberry.field(description="True once rotationDueAt has passed.")
+    async def rotation_due(self, info: Info) -> bool:
+        due_at = await self.rotation_due_at(info)
+        return due_at is not None and due_at <= info.context.services.clock.now()
 
     @strawberry.field
     async def role(self, info: Info) -> RoleType | None:

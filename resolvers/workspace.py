@@ -30,6 +30,17 @@ SetAuthorizedOriginsResult = Annotated[
     SetAuthorizedOriginsSuccess | NotFoundError | ValidationFailedError,
     strawberry.union("SetAuthorizedOriginsResult"),
 ]
+
+
+@strawberry.type
+class SetRotationPolicySuccess:
+    environment: EnvironmentType
+
+
+SetRotationPolicyResult = Annotated[
+    SetRotationPolicySuccess | NotFoundError | ValidationFailedError,
+    strawberry.union("SetRotationPolicyResult"),
+]
 CreateEnvironmentResult = Annotated[
     CreateEnvironmentSuccess | ValidationFailedError, strawberry.union("CreateEnvironmentResult")
 ]
@@ -80,3 +91,15 @@ class WorkspaceMutations:
         except DomainError as exc:
             return error_value(exc)  # type: ignore[return-value]
         return SetAuthorizedOriginsSuccess(environment=EnvironmentType.from_model(env))
+
+    @strawberry.mutation(description="Days a key of this environment may live before rotation.")
+    async def set_rotation_policy(
+        self, info: Info, environment_id: strawberry.ID, days: int
+    ) -> SetRotationPolicyResult:
+        try:
+            env = await environment_service.set_rotation_policy(
+                info.context.services, info.context.operator, str(environment_id), days
+            )
+        except DomainError as exc:
+            return error_value(exc)  # type: ignore[return-value]
+        return SetRotationPolicySuccess(environment=EnvironmentType.from_model(env))

@@ -93,6 +93,35 @@ async def create_environment(services: Services, principal: Principal, name: str
     return environment
 
 
+MAX_ROTATION_POLICY_DAYS = 3650
+
+
+async def set_rotation_policy(
+    services: Services, principal: Principal, environment_id: str, days: int
+) -> Environment:
+    """Set how many days a key of this environment may live before it is due for rotation."""
+    principal.require(KEY_UPDATE)
+    if not 1 <= days <= MAX_ROTATION_POLICY_DAYS:
+        raise ValidationFailed(
+            f"days={days} is out of range; use 1 to {MAX_ROTATION_POLICY_DAYS}", field="days"
+        )
+    now = services.clock.now()
+    async with in_transaction():
+        environment = await get_environment(principal, environment_id)
+        previous = environment.rotation_policy_days
+        environment.rotation_policy_days = days
+        await environment.save(update_fields=["rotation_policy_days"])
+        await audit.record(
+            principal,
+            "environment.set_rotation_policy",
+            now,
+            environment=environment.public_id,
+            days=days,
+            previous=previous,
+        )
+    return environment
+
+
 async def set_authorized_origins(
     services: Services, principal: Principal, environment_id: str, origins: Sequence[str]
 ) -> Environment:

@@ -142,6 +142,26 @@ async def _key_for_change(principal: Principal, key_id: str) -> ApiKey:
     return key
 
 
+def rotation_due_at(
+    created_at: datetime, key_type: KeyKind, status: KeyStatus, policy_days: int
+) -> datetime | None:
+    """When a key should be rotated under its environment's policy; None for keys that are
+    never rotated (client-side IDs) or already revoked."""
+    if key_type == KeyKind.CLIENT_SIDE or status == KeyStatus.REVOKED:
+        return None
+    return created_at + timedelta(days=policy_days)
+
+
+async def _rotation_due_filter(principal: Principal, now: datetime) -> Q:
+    """Keys past their environment's rotation policy, as one portable condition."""
+    environments = await Environment.filter(workspace_id=principal.workspace_id)
+    due = Q(id=-1)  # matches nothing when the workspace has no environments
+    for env in environments:
+        cutoff = now - timedelta(days=env.rotation_policy_days)
+        due |= Q(environment_id=env.id, created_at__lte=cutoff)
+    return due & ~Q(status=KeyStatus.REVOKED) & ~Q(type=KeyKind.CLIENT_SIDE)
+
+
 async def list_keys(
     principal: Principal,
     *,
@@ -151,11 +171,18 @@ async def list_keys(
     search: str | None,
     first: int,
     after: str | None,
+    rotation_due: bool | None = None,
+    now: datetime | None = None,
 ) -> KeyPage:
     """A page of the workspace's keys, newest first, with the filtered total."""
     principal.require(KEY_VIEW)
     check_page_size(first)
     query = ApiKey.filter(workspace_id=principal.workspace_id)
+    if rotation_due is not None:
+        if now is None:
+            raise ValueError("rotation_due needs now")
+        due = await _rotation_due_filter(principal, now)
+        query = query.filter(due) if rotation_due else query.exclude(due)
     if environment_id is not None:
         environment = await get_environment(principal, environment_id)
         query = query.filter(environment_id=environment.id)
