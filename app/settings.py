@@ -52,6 +52,11 @@ class Settings:
     denial_rate_per_ip: int = 20
     denial_retention_days: int = 30
     max_body_bytes: int = 64 * 1024
+    # Anomaly detection (part 3); see README "Anomalies".
+    new_ip_days: int = 30
+    failure_spike_floor: int = 20
+    failure_spike_factor: float = 5.0
+    failure_baseline_days: int = 7
 
     @property
     def is_postgres(self) -> bool:
@@ -83,6 +88,10 @@ class Settings:
             "KEYPLANE_DENIAL_RATE_PER_IP": ("denial_rate_per_ip", int),
             "KEYPLANE_DENIAL_RETENTION_DAYS": ("denial_retention_days", int),
             "KEYPLANE_AUTH_FAILURE_LIMIT": ("auth_failure_limit", int),
+            "KEYPLANE_NEW_IP_DAYS": ("new_ip_days", int),
+            "KEYPLANE_FAILURE_SPIKE_FLOOR": ("failure_spike_floor", int),
+            "KEYPLANE_FAILURE_SPIKE_FACTOR": ("failure_spike_factor", float),
+            "KEYPLANE_FAILURE_BASELINE_DAYS": ("failure_baseline_days", int),
         }
         for name, (attr, kind) in numeric.items():
             if (raw := env.get(name)) is not None:

@@ -42,6 +42,9 @@ class Workspace(Model):
     name = fields.CharField(max_length=100, unique=True)
     plan = fields.CharEnumField(Plan, max_length=20, default=Plan.GROWTH)
     key_prefix = fields.CharField(max_length=12, default="kp")
+    # {"timeZone": "Europe/Paris", "days": [1, 2, 3, 4, 5], "startHour": 9, "endHour": 18};
+    # null means no business hours, so no OFF_HOURS detection.
+    business_hours = fields.JSONField(null=True)
     created_at = fields.DatetimeField(auto_now_add=True)
 
     class Meta:
@@ -234,12 +237,58 @@ class Denial(Model):
         indexes = (("workspace_id", "at"), ("key_id", "at"), ("ip", "at"))
 
 
+class KeyIp(Model):
+    """Where each key has been used from, for NEW_IP detection."""
+
+    id = fields.BigIntField(primary_key=True)
+    key_id = fields.CharField(max_length=32)
+    ip = fields.CharField(max_length=45)
+    first_seen = fields.DatetimeField()
+    last_seen = fields.DatetimeField()
+
+    class Meta:
+        table = "key_ips"
+        unique_together = (("key_id", "ip"),)
+
+
+class KeyPermissionUse(Model):
+    """The first time each key was asked for each permission, for UNUSED_PERMISSION detection."""
+
+    id = fields.BigIntField(primary_key=True)
+    key_id = fields.CharField(max_length=32)
+    permission = fields.CharField(max_length=128)
+    first_used = fields.DatetimeField()
+
+    class Meta:
+        table = "key_permission_uses"
+        unique_together = (("key_id", "permission"),)
+
+
+class Anomaly(Model):
+    """An event-driven anomaly (NEW_IP, UNUSED_PERMISSION) recorded when it was detected."""
+
+    id = fields.BigIntField(primary_key=True)
+    workspace_id = fields.IntField()
+    environment_id = fields.IntField()
+    key_id = fields.CharField(max_length=32)
+    kind = fields.CharField(max_length=32)
+    detected_at = fields.DatetimeField()
+    detail = fields.CharField(max_length=300)
+
+    class Meta:
+        table = "anomalies"
+        indexes = (("workspace_id", "detected_at"),)
+
+
 __all__ = [
+    "Anomaly",
     "ApiKey",
     "AuditEvent",
     "Denial",
     "Environment",
+    "KeyIp",
     "KeyKind",
+    "KeyPermissionUse",
     "KeyStatus",
     "ManagementToken",
     "Member",

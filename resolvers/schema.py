@@ -21,6 +21,7 @@ from strawberry.extensions import (
 from strawberry.schema.config import StrawberryConfig
 
 from app import errors
+from resolvers.anomalies import AnomalyMutations, AnomalyQueries
 from resolvers.audit import AuditQueries
 from resolvers.context import Unauthenticated
 from resolvers.keys import KeyMutations, KeyQueries
@@ -38,13 +39,18 @@ MAX_TOKENS = 2000
 
 
 @strawberry.type
-class Query(KeyQueries, WorkspaceQueries, RoleQueries, AuditQueries, MemberQueries):
+class Query(KeyQueries, WorkspaceQueries, RoleQueries, AuditQueries, MemberQueries, AnomalyQueries):
     pass
 
 
 @strawberry.type
 class Mutation(
-    KeyMutations, WorkspaceMutations, RoleMutations, ManagementTokenMutations, MemberMutations
+    KeyMutations,
+    WorkspaceMutations,
+    RoleMutations,
+    ManagementTokenMutations,
+    MemberMutations,
+    AnomalyMutations,
 ):
     pass
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
+from typing import TYPE_CHECKING, Annotated
 
 import strawberry
 
@@ -11,6 +12,9 @@ import models
 from app.services.keys import rotation_due_at
 from resolvers.context import Info
 from resolvers.scalars import BigInt
+
+if TYPE_CHECKING:
+    from resolvers.anomalies import BusinessHoursType
 
 
 @strawberry.enum(name="KeyType")
@@ -178,6 +182,9 @@ class WorkspaceType:
     key_prefix: str
     key_limit: int | None = strawberry.field(description="Active keys allowed; null = unlimited.")
     active_key_count: int
+    business_hours: Annotated[BusinessHoursType, strawberry.lazy("resolvers.anomalies")] | None = (
+        None
+    )
 
 
 @strawberry.type(name="PageInfo")

@@ -9,8 +9,10 @@ import strawberry
 from app.errors import DomainError
 from app.permissions import KEY_VIEW
 from app.services import environments as environment_service
+from app.services.anomalies import BusinessHours
 from app.services.workspaces import PLAN_KEY_LIMITS, active_key_count
 from models import Workspace
+from resolvers.anomalies import BusinessHoursType
 from resolvers.context import Info
 from resolvers.errors import NotFoundError, ValidationFailedError, error_value
 from resolvers.types import EnvironmentType, Plan, WorkspaceType
@@ -53,6 +55,7 @@ class WorkspaceQueries:
         principal = info.context.operator
         principal.require(KEY_VIEW)
         workspace = await Workspace.get(id=principal.workspace_id)
+        hours = BusinessHours.from_json(workspace.business_hours)
         return WorkspaceType(
             id=strawberry.ID(workspace.public_id),
             name=workspace.name,
@@ -60,6 +63,7 @@ class WorkspaceQueries:
             key_prefix=workspace.key_prefix,
             key_limit=PLAN_KEY_LIMITS[workspace.plan],
             active_key_count=await active_key_count(workspace.id),
+            business_hours=BusinessHoursType.from_value(hours) if hours else None,
         )
 
     @strawberry.field

@@ -1,0 +1,194 @@
+"""Where keys are used from and which permissions they exercise: the inputs of the NEW_IP and
+UNUSED_PERMISSION detectors. Like usage counting, observations are buffered in memory and
+written in batches, never one write per request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from tortoise.exceptions import BaseORMException
+from tortoise.transactions import in_transaction
+
+from app.clock import Clock
+from app.net import ip_allowed, parse_address
+from app.permissions import missing_permissions
+from app.settings import Settings
+from app.verifier import KeyRecord
+from models import Anomaly, KeyIp, KeyPermissionUse
+
+logger = logging.getLogger("keyplane.activity")
+
+MAX_BUFFERED = 50_000
+MAX_ANOMALIES_PER_KEY_PER_FLUSH = 20
+
+
+@dataclass
+class _Seen:
+    record: KeyRecord
+    first: datetime
+    last: datetime
+
+
+@dataclass
+class _Asked:
+    record: KeyRecord
+    held: bool
+    first: datetime
+
+
+class ActivityRecorder:
+    """Buffers (key, IP) sightings and (key, permission) requests; `flush` turns first sightings
+    into anomalies and remembers them."""
+
+    def __init__(self, settings: Settings, clock: Clock) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._ips: dict[tuple[str, str], _Seen] = {}
+        self._permissions: dict[tuple[str, str], _Asked] = {}
+        self.dropped = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def observe(
+        self, *, now: datetime, key: KeyRecord | None, ip: str, required: Sequence[str]
+    ) -> None:
+        """Note one verification that named a known key. O(1), no I/O."""
+        if key is None:
+            return
+        address = parse_address(ip)
+        # An IP on the key's own allowlist is expected, never news.
+        allowlisted = bool(key.allowed_networks) and ip_allowed(address, key.allowed_networks)
+        if address is not None and not allowlisted:
+            seen = self._ips.get((key.key_id, str(address)))
+            if seen is not None:
+                seen.last = now
+            elif len(self._ips) < MAX_BUFFERED:
+                self._ips[(key.key_id, str(address))] = _Seen(key, now, now)
+            else:
+                self.dropped += 1
+        for permission in required:
+            marker = (key.key_id, permission)
+            if marker in self._permissions:
+                continue
+            if len(self._permissions) >= MAX_BUFFERED:
+                self.dropped += 1
+                continue
+            held = not missing_permissions(key.permissions, (permission,))
+            self._permissions[marker] = _Asked(key, held, now)
+
+    async def flush(self) -> int:
+        """Write buffered observations; returns the number of anomalies detected. On a database
+        error the observations go back into the buffer for the next attempt."""
+        ips, self._ips = self._ips, {}
+        permissions, self._permissions = self._permissions, {}
+        if not ips and not permissions:
+            return 0
+        try:
+            return await self._write(ips, permissions)
+        except (BaseORMException, OSError, ConnectionError):
+            logger.warning("activity flush failed; keeping %d observations", len(ips))
+            for marker, seen in ips.items():
+                self._ips.setdefault(marker, seen)
+            for marker, asked in permissions.items():
+                self._permissions.setdefault(marker, asked)
+            return 0
+
+    async def _write(
+        self, ips: dict[tuple[str, str], _Seen], permissions: dict[tuple[str, str], _Asked]
+    ) -> int:
+        anomalies: list[Anomaly] = []
+        per_key: dict[str, int] = {}
+        window = timedelta(days=self.settings.new_ip_days)
+
+        def add(record: KeyRecord, kind: str, at: datetime, detail: str) -> None:
+            count = per_key.get(record.key_id, 0)
+            if count < MAX_ANOMALIES_PER_KEY_PER_FLUSH:
+                anomalies.append(
+                    Anomaly(
+                        workspace_id=record.workspace_pk,
+                        environment_id=record.environment_pk,
+                        key_id=record.key_id,
+                        kind=kind,
+                        detected_at=at,
+                        detail=detail[:300],
+                    )
+                )
+            per_key[record.key_id] = count + 1
+
+        async with in_transaction():
+            key_ids = sorted({key_id for key_id, _ in ips})
+            known: dict[tuple[str, str], KeyIp] = {}
+            keys_with_history: set[str] = set()
+            if key_ids:
+                for history in await KeyIp.filter(key_id__in=key_ids):
+                    known[(history.key_id, history.ip)] = history
+                    keys_with_history.add(history.key_id)
+            for (key_id, ip), seen in sorted(ips.items(), key=lambda item: item[1].first):
+                row = known.get((key_id, ip))
+                if row is None:
+                    # A key's very first IP sets its baseline; later new ones are news.
+                    if key_id in keys_with_history:
+                        add(
+                            seen.record,
+                            "NEW_IP",
+                            seen.first,
+                            f"first request from {ip} in {self.settings.new_ip_days} days",
+                        )
+                    keys_with_history.add(key_id)
+                    await KeyIp.create(
+                        key_id=key_id, ip=ip, first_seen=seen.first, last_seen=seen.last
+                    )
+                else:
+                    if row.last_seen < seen.first - window:
+                        add(
+                            seen.record,
+                            "NEW_IP",
+                            seen.first,
+                            f"first request from {ip} in {self.settings.new_ip_days} days "
+                            f"(last seen {row.last_seen:%Y-%m-%d})",
+                        )
+                    await KeyIp.filter(id=row.id).update(last_seen=max(row.last_seen, seen.last))
+            perm_keys = sorted({key_id for key_id, _ in permissions})
+            used: set[tuple[str, str]] = set()
+            if perm_keys:
+                used = {
+                    (use.key_id, use.permission)
+                    for use in await KeyPermissionUse.filter(key_id__in=perm_keys)
+                }
+            for (key_id, permission), asked in permissions.items():
+                if (key_id, permission) in used:
+                    continue
+                if asked.held:
+                    detail = f"first use of permission {permission}"
+                else:
+                    detail = f"asked for permission {permission}, which it does not hold"
+                add(asked.record, "UNUSED_PERMISSION", asked.first, detail)
+                await KeyPermissionUse.create(
+                    key_id=key_id, permission=permission[:128], first_used=asked.first
+                )
+            if anomalies:
+                await Anomaly.bulk_create(anomalies)
+        return len(anomalies)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.flush_interval_seconds)
+            await self.flush()
+
+    async def start(self) -> None:
+        """Flush in the background every flush interval."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Stop the loop and write what is left."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()

@@ -1,0 +1,209 @@
+"""Anomaly detectors: each has a case that triggers it and one that does not."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from starlette.applications import Starlette
+
+from app.activity import ActivityRecorder
+from app.net import compile_allowlist
+from app.settings import Settings
+from app.verifier import KeyRecord
+from models import ApiKey, UsageBucket
+from tests.support import OffsetClock, WorkspaceHandle
+
+ANOMALIES = "query($since: DateTime) { anomalies(since: $since) { kind keyId detectedAt detail } }"
+SET_HOURS = """mutation($h: BusinessHoursInput) { setBusinessHours(hours: $h) {
+  __typename ... on SetBusinessHoursSuccess { businessHours { timeZone days startHour endHour } }
+  ... on Error { code message } } }"""
+
+
+async def _record(key_id: str) -> KeyRecord:
+    key = await ApiKey.get(public_id=key_id).select_related("environment", "workspace")
+    return KeyRecord(
+        key_id=key.public_id,
+        key_type=key.type.value,
+        workspace_pk=key.workspace_id,
+        workspace_id=key.workspace.public_id,
+        environment_pk=key.environment_id,
+        environment_id=key.environment.public_id,
+        status=key.status.value,
+        permissions=frozenset(key.permissions),
+        permission_list=tuple(sorted(key.permissions)),
+        allowed_networks=compile_allowlist(key.allowed_ips),
+        authorized_origins=frozenset(),
+        expires_at=key.expires_at,
+        grace_ends_at=key.grace_ends_at,
+    )
+
+
+@pytest.fixture
+def recorder(app: Starlette, settings: Settings, clock: OffsetClock) -> ActivityRecorder:
+    return ActivityRecorder(settings, clock)
+
+
+async def _kinds(ws: WorkspaceHandle, key_id: str, since: datetime | None = None) -> list[dict]:
+    data = await ws.q(ANOMALIES, {"since": since.isoformat() if since else None})
+    return [a for a in data["anomalies"] if a["keyId"] == key_id]
+
+
+async def test_new_ip_after_the_first_is_an_anomaly(
+    ws: WorkspaceHandle, recorder: ActivityRecorder, clock: OffsetClock
+) -> None:
+    key_id, _ = await ws.create_key()
+    record = await _record(key_id)
+    recorder.observe(now=clock.now(), key=record, ip="192.0.2.10", required=[])
+    assert await recorder.flush() == 0  # the first IP sets the baseline
+    recorder.observe(now=clock.now(), key=record, ip="192.0.2.10", required=[])
+    assert await recorder.flush() == 0  # same IP again: nothing new
+    recorder.observe(now=clock.now(), key=record, ip="198.51.100.7", required=[])
+    assert await recorder.flush() == 1
+    found = await _kinds(ws, key_id)
+    assert [a["kind"] for a in found] == ["NEW_IP"]
+    assert found[0]["detail"] == "first request from 198.51.100.7 in 30 days"
+
+
+async def test_an_ip_seen_long_ago_is_new_again(
+    ws: WorkspaceHandle, recorder: ActivityRecorder, clock: OffsetClock
+) -> None:
+    key_id, _ = await ws.create_key()
+    record = await _record(key_id)
+    old = clock.now() - timedelta(days=45)
+    recorder.observe(now=old, key=record, ip="192.0.2.1", required=[])
+    recorder.observe(now=old, key=record, ip="192.0.2.2", required=[])
+    await recorder.flush()
+    recorder.observe(now=clock.now(), key=record, ip="192.0.2.2", required=[])
+    assert await recorder.flush() == 1
+    found = await _kinds(ws, key_id)
+    assert "192.0.2.2" in found[0]["detail"] and "last seen" in found[0]["detail"]
+
+
+async def test_allowlisted_ips_never_count_as_new(
+    ws: WorkspaceHandle, recorder: ActivityRecorder, clock: OffsetClock
+) -> None:
+    key_id, _ = await ws.create_key(allowedIps=["203.0.113.0/24"])
+    record = await _record(key_id)
+    recorder.observe(now=clock.now(), key=record, ip="203.0.113.1", required=[])
+    await recorder.flush()
+    recorder.observe(now=clock.now(), key=record, ip="203.0.113.99", required=[])
+    assert await recorder.flush() == 0
+    assert await _kinds(ws, key_id) == []
+
+
+async def test_first_use_of_a_held_permission_and_a_lacking_one_are_anomalies(
+    ws: WorkspaceHandle, recorder: ActivityRecorder, clock: OffsetClock
+) -> None:
+    key_id, _ = await ws.create_key(permissions=["pdf.*"])
+    record = await _record(key_id)
+    recorder.observe(now=clock.now(), key=record, ip="192.0.2.3", required=["pdf.render"])
+    recorder.observe(now=clock.now(), key=record, ip="192.0.2.3", required=["billing.refund"])
+    assert await recorder.flush() == 2
+    details = sorted(a["detail"] for a in await _kinds(ws, key_id))
+    assert details == [
+        "asked for permission billing.refund, which it does not hold",
+        "first use of permission pdf.render",
+    ]
+    # Exercised before: no new anomaly.
+    recorder.observe(now=clock.now(), key=record, ip="192.0.2.3", required=["pdf.render"])
+    assert await recorder.flush() == 0
+
+
+async def _bucket(key_id: str, start: datetime, total: int, failed: int) -> None:
+    key = await ApiKey.get(public_id=key_id)
+    await UsageBucket.create(
+        workspace_id=key.workspace_id,
+        environment_id=key.environment_id,
+        key_id=key_id,
+        bucket_start=start.replace(minute=0, second=0, microsecond=0),
+        total_requests=total,
+        successful_requests=total - failed,
+        failed_requests=failed,
+    )
+
+
+async def test_failure_spike_far_above_the_keys_baseline(
+    ws: WorkspaceHandle, clock: OffsetClock
+) -> None:
+    key_id, _ = await ws.create_key()
+    now = clock.now()
+    for hours_ago in range(3, 50):
+        await _bucket(key_id, now - timedelta(hours=hours_ago), total=100, failed=1)
+    await _bucket(key_id, now, total=100, failed=60)
+    found = await _kinds(ws, key_id)
+    assert [a["kind"] for a in found] == ["FAILURE_SPIKE"]
+    assert found[0]["detail"].startswith("60 failed verifications in the last hour")
+
+
+async def test_no_spike_below_the_floor_or_near_the_baseline(
+    ws: WorkspaceHandle, clock: OffsetClock
+) -> None:
+    few, _ = await ws.create_key()
+    steady, _ = await ws.create_key()
+    now = clock.now()
+    await _bucket(few, now, total=5, failed=3)  # 3 failures are not a spike
+    for hours_ago in range(3, 150):
+        await _bucket(steady, now - timedelta(hours=hours_ago), total=100, failed=30)
+    await _bucket(steady, now, total=100, failed=40)  # noisy key, but its normal
+    assert await _kinds(ws, few) == []
+    assert await _kinds(ws, steady) == []
+
+
+async def test_off_hours_use_is_reported_only_when_business_hours_are_set(
+    ws: WorkspaceHandle, clock: OffsetClock
+) -> None:
+    key_id, _ = await ws.create_key()
+    # Saturday 2026-11-21 03:00 in Paris is 02:00 UTC; Monday 10:00 Paris is 09:00 UTC.
+    saturday_night = datetime(2026, 11, 21, 2, tzinfo=UTC)
+    monday_morning = datetime(2026, 11, 23, 9, tzinfo=UTC)
+    await _bucket(key_id, saturday_night, total=42, failed=0)
+    await _bucket(key_id, monday_morning, total=7, failed=0)
+    since = datetime(2026, 11, 20, tzinfo=UTC)
+    assert await _kinds(ws, key_id, since) == []  # no business hours: no detector
+    data = await ws.q(
+        SET_HOURS,
+        {"h": {"timeZone": "Europe/Paris", "days": [1, 2, 3, 4, 5], "startHour": 9, "endHour": 18}},
+    )
+    assert data["setBusinessHours"]["businessHours"]["days"] == [1, 2, 3, 4, 5]
+    found = await _kinds(ws, key_id, since)
+    assert [a["kind"] for a in found] == ["OFF_HOURS"]
+    assert found[0]["detail"].startswith("42 requests at Sat 2026-11-21 03:00 Europe/Paris")
+    cleared = await ws.q(SET_HOURS, {"h": None})
+    assert cleared["setBusinessHours"]["businessHours"] is None
+    assert await _kinds(ws, key_id, since) == []
+
+
+@pytest.mark.parametrize(
+    ("hours", "named"),
+    [
+        ({"timeZone": "Mars/Olympus", "days": [1], "startHour": 9, "endHour": 17}, "Mars/Olympus"),
+        ({"timeZone": "UTC", "days": [0, 8], "startHour": 9, "endHour": 17}, "[0, 8]"),
+        ({"timeZone": "UTC", "days": [1], "startHour": 18, "endHour": 9}, "startHour=18"),
+    ],
+)
+async def test_bad_business_hours_are_refused_naming_the_value(
+    ws: WorkspaceHandle, hours: dict, named: str
+) -> None:
+    data = await ws.q(SET_HOURS, {"h": hours})
+    assert data["setBusinessHours"]["code"] == "VALIDATION_FAILED"
+    assert named in data["setBusinessHours"]["message"]
+
+
+async def test_anomalies_are_scoped_to_the_workspace(
+    ws: WorkspaceHandle,
+    other_ws: WorkspaceHandle,
+    recorder: ActivityRecorder,
+    clock: OffsetClock,
+) -> None:
+    key_id, _ = await ws.create_key(permissions=["a.b"])
+    recorder.observe(now=clock.now(), key=await _record(key_id), ip="192.0.2.9", required=["a.b"])
+    await recorder.flush()
+    assert await _kinds(ws, key_id) != []
+    theirs = await other_ws.q(ANOMALIES)
+    assert all(a["keyId"] != key_id for a in theirs["anomalies"])
+    env = await ws.raw(
+        "query($e: ID) { anomalies(environmentId: $e) { kind } }",
+        {"e": other_ws.environments["production"]},
+    )
+    assert env["errors"][0]["extensions"]["code"] == "NOT_FOUND"
