@@ -8,12 +8,13 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from tortoise.contrib.starlette import RegisterTortoise
 
 from app.changes import ChangeFeed
 from app.clock import Clock, SystemClock
 from app.db import tortoise_config
+from app.http.graphiql import ASSETS_PATH, graphiql_assets
 from app.http.graphql import GraphQLEndpoint, KeyplaneGraphQL
 from app.http.health import health
 from app.services import Services
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         routes=[
             Route("/graphql", graphql, methods=["GET", "POST"]),
             Route("/governance/health", health, methods=["GET"]),
+            Mount(ASSETS_PATH, app=graphiql_assets(), name="graphiql-assets"),
         ],
         middleware=middleware,
         lifespan=lifespan,
