@@ -28,9 +28,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     settings = settings or Settings.from_env()
     services = Services(settings=settings, clock=clock or SystemClock(), changes=ChangeFeed())
     schema = build_schema(introspection=settings.introspection)
-    view = KeyplaneGraphQL(
-        schema, graphql_ide="graphiql" if settings.graphiql else None, allow_queries_via_get=False
-    )
+    view = KeyplaneGraphQL(schema, graphql_ide=None, allow_queries_via_get=False)
     graphql = GraphQLEndpoint(
         view,
         services,

@@ -12,7 +12,7 @@ from typing import Any
 
 from graphql import GraphQLError, OperationDefinitionNode, parse
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 from strawberry.asgi import GraphQL
 
@@ -54,11 +54,8 @@ def _top_level_fields(payload: Any) -> set[str] | None:
 
 
 class KeyplaneGraphQL(GraphQL[Context, None]):
-    """Strawberry's ASGI view, given the context the gate prepared."""
-
-    async def render_graphql_ide(self, request: Any) -> HTMLResponse:
-        # Strawberry's own page loads GraphiQL from a CDN; ours ships the assets.
-        return graphiql_page()
+    """Strawberry's ASGI view, given the context the gate prepared. The gate serves GraphiQL
+    itself (Strawberry's page loads it from a CDN; ours ships the assets)."""
 
     async def get_context(self, request: Any, response: Any) -> Context:
         context: Context = request.scope["state"][CONTEXT_KEY]
@@ -88,9 +85,9 @@ class GraphQLEndpoint:
         if request.method == "GET":
             response: Response
             if self.graphiql and "text/html" in request.headers.get("accept", ""):
-                await self.view(scope, receive, send)
-                return
-            response = _error(404, "NOT_FOUND", "Send GraphQL operations with POST")
+                response = graphiql_page()
+            else:
+                response = _error(404, "NOT_FOUND", "Send GraphQL operations with POST")
             await response(scope, receive, send)
             return
         settings = self.services.settings
@@ -112,9 +109,14 @@ class GraphQLEndpoint:
         )
         ip_text = str(client_ip) if client_ip else "unknown"
         try:
-            fields = _top_level_fields(json.loads(body))
+            payload = json.loads(body)
+            fields = _top_level_fields(payload)
         except (ValueError, RecursionError):
-            fields = None
+            payload, fields = None, None
+        if isinstance(payload, dict) and payload.get("operationName") == "":
+            # GraphiQL sends "" for an anonymous operation; it means "no name", not a name.
+            payload["operationName"] = None
+            body = json.dumps(payload).encode()
         needs_auth = fields is None or not fields <= self.public_fields
         bearer = _bearer(request.headers.get("authorization"))
         principal = None
