@@ -24,6 +24,7 @@ from app import errors
 from resolvers.anomalies import AnomalyMutations, AnomalyQueries
 from resolvers.audit import AuditQueries
 from resolvers.context import Unauthenticated
+from resolvers.cost import QueryCostRule
 from resolvers.keys import KeyMutations, KeyQueries
 from resolvers.management_tokens import ManagementTokenMutations
 from resolvers.members import MemberMutations, MemberQueries
@@ -109,6 +110,7 @@ def build_schema(*, introspection: bool = True) -> strawberry.Schema:
         lambda: QueryDepthLimiter(max_depth=MAX_DEPTH),
         lambda: MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
+        lambda: AddValidationRules([QueryCostRule]),
         ErrorPolicy,
     ]
     if not introspection:
