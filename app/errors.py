@@ -5,6 +5,8 @@ Raising inside a service rolls its transaction back, so nothing is half-written.
 
 from __future__ import annotations
 
+from app.tokens import redact
+
 
 class DomainError(Exception):
     """A refusal the caller can act on. `code` is one of CONTRACT §3's error codes."""
@@ -12,6 +14,8 @@ class DomainError(Exception):
     code = "INTERNAL"
 
     def __init__(self, message: str) -> None:
+        # Messages quote the caller's input; a pasted token must not be echoed back.
+        message = redact(message)
         super().__init__(message)
         self.message = message
 

@@ -11,6 +11,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount, Route
 from tortoise.contrib.starlette import RegisterTortoise
 
+from app import log_policy
 from app.changes import ChangeFeed
 from app.clock import Clock, SystemClock
 from app.db import tortoise_config
@@ -26,6 +27,7 @@ from resolvers.schema import build_schema
 def create_app(settings: Settings | None = None, *, clock: Clock | None = None) -> Starlette:
     """Build the Keyplane ASGI app. Tests pass their own settings and clock."""
     settings = settings or Settings.from_env()
+    log_policy.install()
     services = Services(settings=settings, clock=clock or SystemClock(), changes=ChangeFeed())
     schema = build_schema(introspection=settings.introspection)
     view = KeyplaneGraphQL(schema, graphql_ide=None, allow_queries_via_get=False)

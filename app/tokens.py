@@ -132,3 +132,20 @@ def parse_bearer(token: str) -> str | None:
     if not hmac.compare_digest(checksum(token[:-CHECKSUM_CHARS]), token[-CHECKSUM_CHARS:]):
         return None
     return match.group(1)
+
+
+# Anything shaped like an API key or a management/session token, wherever it appears in a text.
+_SECRET_SHAPE = re.compile(
+    rf"[a-z]{{2,12}}_(?:sdk|mob|cs)_[0-9A-Za-z]{{{BODY_CHARS}}}|(?:kpm|kps)_[0-9A-Za-z]{{{BODY_CHARS}}}"
+)
+REDACTED = "<redacted secret>"
+
+
+def looks_like_secret(text: str) -> bool:
+    """True when `text` contains something shaped like a token (checksum not checked)."""
+    return _SECRET_SHAPE.search(text) is not None
+
+
+def redact(text: str) -> str:
+    """`text` with every token-shaped substring replaced, for messages that quote user input."""
+    return _SECRET_SHAPE.sub(REDACTED, text)

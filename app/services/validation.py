@@ -7,7 +7,7 @@ from datetime import datetime
 
 from app.errors import ValidationFailed
 from app.permissions import validate_permissions
-from app.tokens import is_public_id
+from app.tokens import is_public_id, looks_like_secret
 
 MAX_NAME = 100
 MAX_DESCRIPTION = 1000
@@ -24,6 +24,8 @@ def clean_name(value: str, what: str = "name", limit: int = MAX_NAME) -> str:
         )
     if any(not ch.isprintable() for ch in name):
         raise ValidationFailed(f"{what} {name!r} contains control characters", field=what)
+    if looks_like_secret(name):
+        raise ValidationFailed(f"{what} must not contain an API key or token", field=what)
     return name
 
 

@@ -1,0 +1,30 @@
+"""Keep secrets out of logs.
+
+Database drivers log every statement with its parameters at DEBUG level; those parameters
+include token hashes (lookups, inserts) and so must never be emitted, whatever level an operator
+configures. Their DEBUG records are dropped at the source logger.
+"""
+
+from __future__ import annotations
+
+import logging
+
+SQL_LOGGERS = ("tortoise.db_client", "aiosqlite", "asyncpg")
+
+
+class DropDebug(logging.Filter):
+    """Refuses DEBUG (and lower) records: for loggers whose debug output carries SQL params."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.DEBUG
+
+
+_FILTER = DropDebug()
+
+
+def install() -> None:
+    """Attach the filter to the database loggers; idempotent."""
+    for name in SQL_LOGGERS:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
