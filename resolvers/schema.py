@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import strawberry
 from graphql.error import GraphQLError
@@ -100,6 +101,15 @@ class ErrorPolicy(MaskErrors):
         return processed
 
 
+class KeyplaneSchema(strawberry.Schema):
+    """Logs only what ErrorPolicy masked (unexpected errors); typed refusals and invalid
+    queries are the client's business, and a traceback per bad request would let any caller
+    flood the logs."""
+
+    def process_errors(self, errors: list[GraphQLError], execution_context: Any = None) -> None:
+        return None
+
+
 def build_schema(*, introspection: bool = True) -> strawberry.Schema:
     """The GraphQL schema with its caches, abuse limits and error policy."""
     # Factories, not instances: Strawberry builds fresh extensions per request (the parser and
@@ -115,7 +125,7 @@ def build_schema(*, introspection: bool = True) -> strawberry.Schema:
     ]
     if not introspection:
         extensions.append(lambda: AddValidationRules([NoSchemaIntrospectionCustomRule]))
-    return strawberry.Schema(
+    return KeyplaneSchema(
         query=Query,
         mutation=Mutation,
         extensions=extensions,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -24,19 +25,23 @@ def live_server(
     """Run `keyplane serve` on a free loopback port; yields its base URL, stops it after."""
     port = free_port()
     env = {**os.environ, "KEYPLANE_DATABASE_URL": database_url, **(extra_env or {})}
+    # The server's output goes to a file: an unread pipe fills up and blocks the server.
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 -- outlives this block; closed in finally
+        prefix="keyplane-live-", suffix=".log", delete=False
+    )
     process = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"keyplane serve exited: {process.stderr.read()!r}")  # type: ignore[union-attr]
+                raise RuntimeError(f"keyplane serve exited: {Path(log.name).read_text()[-2000:]}")
             try:
                 if httpx.get(f"{base_url}/governance/health", timeout=1).status_code == 200:
                     break
@@ -53,5 +58,5 @@ def live_server(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        if process.stderr is not None:
-            process.stderr.close()
+        log.close()
+        Path(log.name).unlink(missing_ok=True)
