@@ -18,8 +18,8 @@ run: $(STAMP)
 	$(BIN)/keyplane serve --host 127.0.0.1 --port 8000
 
 lint: $(STAMP)
-	$(BIN)/ruff check app models resolvers tests bench
-	$(BIN)/ruff format --check app models resolvers tests bench
+	$(BIN)/ruff check app models resolvers tests $(wildcard bench)
+	$(BIN)/ruff format --check app models resolvers tests $(wildcard bench)
 	$(BIN)/mypy
 
 # The suite runs twice, once per database, each in its own pytest process

@@ -20,7 +20,7 @@ class KeyRecord:
     environment_pk: int
     environment_id: str  # public env_…
     status: str  # "ENABLED" | "DISABLED" | "REVOKED"
-    permissions: frozenset[str]  # effective: direct ∪ role
+    permissions: frozenset[str]  # effective: direct plus role
     permission_list: tuple[str, ...]  # the same, sorted, for responses
     allowed_networks: tuple[Network, ...]  # parsed once when the entry is filled
     authorized_origins: frozenset[str]  # CLIENT_SIDE only: the environment's origins
