@@ -12,12 +12,15 @@ from starlette.routing import Mount, Route
 from tortoise.contrib.starlette import RegisterTortoise
 
 from app import log_policy
+from app.activity import ActivityRecorder
+from app.cache import KeyCache
 from app.changes import ChangeFeed
 from app.clock import Clock, SystemClock
 from app.db import tortoise_config
 from app.http.graphiql import ASSETS_PATH, graphiql_assets
 from app.http.graphql import GraphQLEndpoint, KeyplaneGraphQL
 from app.http.health import health
+from app.http.verify import verify_endpoint
 from app.services import Services
 from app.services.auth import FailureLimiter
 from app.settings import Settings
@@ -39,10 +42,18 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         introspection=settings.introspection,
     )
 
+    key_cache = KeyCache(settings)
+    services.changes.subscribe(key_cache)
+    activity = ActivityRecorder(settings, services.clock)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with RegisterTortoise(app, config=tortoise_config(settings.database_url)):
-            yield
+            await activity.start()
+            try:
+                yield
+            finally:
+                await activity.stop()
 
     middleware = []
     if settings.cors_origins:
@@ -59,6 +70,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     app = Starlette(
         routes=[
             Route("/graphql", graphql, methods=["GET", "POST"]),
+            Route("/v1/verify", verify_endpoint, methods=["GET", "POST"]),
             Route("/governance/health", health, methods=["GET"]),
             Mount(ASSETS_PATH, app=graphiql_assets(), name="graphiql-assets"),
         ],
@@ -67,6 +79,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     )
     app.state.services = services
     app.state.settings = settings
+    app.state.key_cache = key_cache
+    app.state.activity = activity
     return app
 
 

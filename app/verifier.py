@@ -1,12 +1,29 @@
 """The one place a token becomes a decision. Pure logic over a KeyRecord; no I/O, no Starlette
-or Strawberry imports (the cache hands it the record, the HTTP adapter writes the response)."""
+or Strawberry imports (the cache hands it the record, the HTTP adapter writes the response).
+
+Check order (CONTRACT §4), the same whichever way the key arrives:
+
+1. missing key                       → MISSING_KEY
+2. malformed shape or bad checksum   → INVALID_KEY   (before any lookup: no database read)
+3. unknown (or deleted) token        → INVALID_KEY
+4. disabled                          → DISABLED
+5. revoked, grace over (or none)     → REVOKED       (a future grace_ends_at keeps it verifying)
+6. expired                           → EXPIRED
+7. client IP not on the allowlist    → IP_NOT_ALLOWED
+8. Origin not authorized             → ORIGIN_NOT_ALLOWED (CLIENT_SIDE keys only)
+9. a required permission not held    → INSUFFICIENT_PERMISSIONS
+10. otherwise                        → VALID
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 
-from app.net import Network
+from app.net import Address, Network, ip_allowed
+from app.permissions import missing_permissions
+from app.tokens import parse_token
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,3 +43,133 @@ class KeyRecord:
     authorized_origins: frozenset[str]  # CLIENT_SIDE only: the environment's origins
     expires_at: datetime | None
     grace_ends_at: datetime | None
+
+
+class Code(str, Enum):
+    """Verification outcomes: a status, not an exception (system errors become UNAVAILABLE)."""
+
+    VALID = "VALID"
+    MISSING_KEY = "MISSING_KEY"
+    INVALID_KEY = "INVALID_KEY"
+    DISABLED = "DISABLED"
+    REVOKED = "REVOKED"
+    EXPIRED = "EXPIRED"
+    IP_NOT_ALLOWED = "IP_NOT_ALLOWED"
+    ORIGIN_NOT_ALLOWED = "ORIGIN_NOT_ALLOWED"
+    INSUFFICIENT_PERMISSIONS = "INSUFFICIENT_PERMISSIONS"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+def http_status(code: Code) -> int:
+    """The HTTP status of a verification outcome: the one place this mapping lives."""
+    if code is Code.VALID:
+        return 200
+    if code in (Code.IP_NOT_ALLOWED, Code.ORIGIN_NOT_ALLOWED, Code.INSUFFICIENT_PERMISSIONS):
+        return 403
+    if code is Code.UNAVAILABLE:
+        return 503
+    return 401
+
+
+# Messages never contain the token; a permission list is not secret (the caller sent it).
+_MESSAGES = {
+    Code.VALID: "API key is valid",
+    Code.MISSING_KEY: "No API key in the request",
+    Code.INVALID_KEY: "Invalid API key",
+    Code.DISABLED: "API key is disabled",
+    Code.REVOKED: "API key has been revoked",
+    Code.EXPIRED: "API key has expired",
+    Code.IP_NOT_ALLOWED: "IP address not allowed",
+    Code.ORIGIN_NOT_ALLOWED: "Origin not allowed",
+    Code.INSUFFICIENT_PERMISSIONS: "Missing required permissions",
+    Code.UNAVAILABLE: "Verification is temporarily unavailable; try again",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What the request said: token, resolved client IP, normalised Origin, required perms."""
+
+    token: str | None
+    client_ip: Address | None
+    origin: str | None  # normalised (app.net.normalise_origin), None when absent or invalid
+    required: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one verification; `record` is set whenever the key is known."""
+
+    code: Code
+    http_status: int
+    message: str
+    record: KeyRecord | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.code is Code.VALID
+
+
+def _decide(code: Code, record: KeyRecord | None = None, message: str | None = None) -> Decision:
+    return Decision(code, http_status(code), message or _MESSAGES[code], record)
+
+
+_MISSING = _decide(Code.MISSING_KEY)
+_MALFORMED = _decide(Code.INVALID_KEY)
+_UNKNOWN = _decide(Code.INVALID_KEY)
+_UNAVAILABLE = _decide(Code.UNAVAILABLE)
+
+
+def decide_missing() -> Decision:
+    """No key anywhere in the request."""
+    return _MISSING
+
+
+def decide_malformed() -> Decision:
+    """A token whose shape or checksum is wrong: refused without a lookup."""
+    return _MALFORMED
+
+
+def decide_unavailable() -> Decision:
+    """The key's state cannot be known (database down, nothing fresh enough cached)."""
+    return _UNAVAILABLE
+
+
+def precheck(facts: RequestFacts) -> Decision | None:
+    """Steps 1-2 of the order, which need no lookup: a refusal, or None to go look the key up."""
+    if not facts.token:
+        return _MISSING
+    if parse_token(facts.token) is None:
+        return _MALFORMED
+    return None
+
+
+def verify(facts: RequestFacts, record: KeyRecord | None, now: datetime) -> Decision:
+    """Decide one verification; `record` is the looked-up key, None when the token is unknown."""
+    early = precheck(facts)
+    if early is not None:
+        return early
+    if record is None:
+        return _UNKNOWN
+    if record.status == "DISABLED":
+        return _decide(Code.DISABLED, record)
+    if record.status == "REVOKED" and (record.grace_ends_at is None or record.grace_ends_at <= now):
+        return _decide(Code.REVOKED, record)
+    if record.expires_at is not None and record.expires_at <= now:
+        return _decide(Code.EXPIRED, record)
+    if not ip_allowed(facts.client_ip, record.allowed_networks):
+        return _decide(Code.IP_NOT_ALLOWED, record)
+    if record.key_type == "CLIENT_SIDE" and (
+        facts.origin is None or facts.origin not in record.authorized_origins
+    ):
+        return _decide(Code.ORIGIN_NOT_ALLOWED, record)
+    if facts.required:
+        missing = missing_permissions(record.permissions, facts.required)
+        if missing:
+            shown = ", ".join(m[:64] for m in missing[:10])
+            return _decide(
+                Code.INSUFFICIENT_PERMISSIONS,
+                record,
+                f"{_MESSAGES[Code.INSUFFICIENT_PERMISSIONS]}: {shown}",
+            )
+    return _decide(Code.VALID, record)

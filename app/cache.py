@@ -1,0 +1,140 @@
+"""The verification key cache: a bounded LRU of secret hash → KeyRecord.
+
+A fill is one query by the unique `api_keys.secret_hash` index (joined with environment, role and
+workspace). Unknown tokens are cached briefly as negatives so a flood of bad tokens cannot hammer
+the database. Every management change reports the affected hashes through the ChangeFeed, and
+the entries are dropped before the mutation returns; entries also expire after
+`cache_refresh_seconds` as a safety net. When the database cannot be reached, an entry filled
+less than `max_staleness_seconds` ago is still served; otherwise the caller gets Unavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tortoise.exceptions import BaseORMException
+
+from app.net import compile_allowlist
+from app.settings import Settings
+from app.verifier import KeyRecord
+from models import ApiKey, KeyKind
+
+
+class Unavailable(Exception):
+    """The key's state cannot be known: the database is unreachable and nothing usable is cached."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    record: KeyRecord | None  # None: a negative entry (unknown token)
+    fresh_until: float
+    filled_at: float
+
+
+def record_from_model(key: ApiKey) -> KeyRecord:
+    """The verification view of a key (environment, role and workspace already loaded)."""
+    permissions = set(key.permissions)
+    if key.role is not None:
+        permissions.update(key.role.permissions)
+    return KeyRecord(
+        key_id=key.public_id,
+        key_type=key.type.value,
+        workspace_pk=key.workspace_id,
+        workspace_id=key.workspace.public_id,
+        environment_pk=key.environment_id,
+        environment_id=key.environment.public_id,
+        status=key.status.value,
+        permissions=frozenset(permissions),
+        permission_list=tuple(sorted(permissions)),
+        allowed_networks=compile_allowlist(key.allowed_ips),
+        authorized_origins=frozenset(key.environment.authorized_origins)
+        if key.type == KeyKind.CLIENT_SIDE
+        else frozenset(),
+        expires_at=key.expires_at,
+        grace_ends_at=key.grace_ends_at,
+    )
+
+
+class KeyCache:
+    """Bounded, invalidated cache of key records; also a ChangeFeed listener."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}
+        self._generation = 0  # bumped by every invalidation: a racing fill is not stored
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def keys_changed(self, secret_hashes: Sequence[str]) -> None:
+        """Drop these keys now, in this process (called before the mutation returns)."""
+        self._generation += 1
+        for secret_hash in secret_hashes:
+            self._entries.pop(secret_hash, None)
+
+    def clear(self) -> None:
+        self._generation += 1
+        self._entries.clear()
+
+    async def get(self, secret_hash: str) -> KeyRecord | None:
+        """The record for this hash (None when unknown); raises Unavailable when it cannot be
+        known. A fresh cached entry costs no database round trip."""
+        now = time.monotonic()
+        entry = self._entries.get(secret_hash)
+        if entry is not None and entry.fresh_until > now:
+            self._entries.move_to_end(secret_hash)
+            self.hits += 1
+            return entry.record
+        self.misses += 1
+        pending = self._inflight.get(secret_hash)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[KeyRecord | None] = asyncio.get_running_loop().create_future()
+        self._inflight[secret_hash] = future
+        generation = self._generation
+        try:
+            record = await self._load(secret_hash)
+        except (BaseORMException, OSError, ConnectionError) as exc:
+            stale_ok = (
+                entry is not None
+                and entry.record is not None
+                and now - entry.filled_at <= self.settings.max_staleness_seconds
+            )
+            error = Unavailable("database unreachable")
+            if stale_ok:
+                assert entry is not None
+                future.set_result(entry.record)
+                return entry.record
+            future.set_exception(error)
+            future.exception()  # retrieved: waiters re-raise it themselves
+            raise error from exc
+        finally:
+            self._inflight.pop(secret_hash, None)
+        future.set_result(record)
+        if generation == self._generation:
+            self._store(secret_hash, record, now)
+        return record
+
+    def _store(self, secret_hash: str, record: KeyRecord | None, now: float) -> None:
+        ttl = (
+            self.settings.cache_refresh_seconds
+            if record is not None
+            else self.settings.negative_cache_seconds
+        )
+        self._entries[secret_hash] = _Entry(record, now + ttl, now)
+        self._entries.move_to_end(secret_hash)
+        while len(self._entries) > self.settings.cache_size:
+            self._entries.popitem(last=False)
+
+    async def _load(self, secret_hash: str) -> KeyRecord | None:
+        key = await ApiKey.get_or_none(secret_hash=secret_hash).select_related(
+            "environment", "workspace", "role"
+        )
+        return record_from_model(key) if key is not None else None
