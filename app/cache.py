@@ -69,6 +69,9 @@ class KeyCache:
         self._generation = 0  # bumped by every invalidation: a racing fill is not stored
         self.hits = 0
         self.misses = 0
+        # False while cross-process notifications may be missed (PostgreSQL listener down):
+        # cached entries are then not served, every verification reads the database.
+        self.trusted = True
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -79,6 +82,11 @@ class KeyCache:
         for secret_hash in secret_hashes:
             self._entries.pop(secret_hash, None)
 
+    def drop(self, secret_hash: str) -> None:
+        """Drop one key (another process changed it)."""
+        self._generation += 1
+        self._entries.pop(secret_hash, None)
+
     def clear(self) -> None:
         self._generation += 1
         self._entries.clear()
@@ -88,7 +96,7 @@ class KeyCache:
         known. A fresh cached entry costs no database round trip."""
         now = time.monotonic()
         entry = self._entries.get(secret_hash)
-        if entry is not None and entry.fresh_until > now:
+        if entry is not None and entry.fresh_until > now and self.trusted:
             self._entries.move_to_end(secret_hash)
             self.hits += 1
             return entry.record

@@ -21,6 +21,7 @@ from app.http.graphiql import ASSETS_PATH, graphiql_assets
 from app.http.graphql import GraphQLEndpoint, KeyplaneGraphQL
 from app.http.health import health
 from app.http.verify import verify_endpoint
+from app.invalidation import Listener, Notifier
 from app.services import Services
 from app.services.auth import FailureLimiter
 from app.settings import Settings
@@ -44,15 +45,23 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
 
     key_cache = KeyCache(settings)
     services.changes.subscribe(key_cache)
+    if settings.is_postgres:
+        services.changes.subscribe(Notifier())
     activity = ActivityRecorder(settings, services.clock)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with RegisterTortoise(app, config=tortoise_config(settings.database_url)):
             await activity.start()
+            listener = None
+            if settings.is_postgres:
+                listener = Listener(settings.database_url, key_cache)
+                await listener.start()
             try:
                 yield
             finally:
+                if listener is not None:
+                    await listener.stop()
                 await activity.stop()
 
     middleware = []

@@ -1,0 +1,108 @@
+"""Cross-process cache invalidation on PostgreSQL: LISTEN/NOTIFY.
+
+Each process NOTIFYs the hashes a committed mutation changed and LISTENs on a dedicated asyncpg
+connection, dropping what others changed. While that connection is down notifications can be
+lost, so the cache is cleared on every (re)connect and bypassed until the listener is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+from tortoise import connections
+
+from app.cache import KeyCache
+
+logger = logging.getLogger("keyplane.invalidation")
+
+CHANNEL = "keyplane_keys"
+MAX_PAYLOAD = 7900  # NOTIFY payloads must stay under 8000 bytes
+
+
+def chunks(hashes: Sequence[str]) -> list[str]:
+    """Comma-joined payloads, each under the NOTIFY limit."""
+    payloads: list[str] = []
+    current: list[str] = []
+    size = 0
+    for item in hashes:
+        if current and size + len(item) + 1 > MAX_PAYLOAD:
+            payloads.append(",".join(current))
+            current, size = [], 0
+        current.append(item)
+        size += len(item) + 1
+    if current:
+        payloads.append(",".join(current))
+    return payloads
+
+
+class Notifier:
+    """A ChangeFeed listener that tells the other processes (after the local cache dropped)."""
+
+    async def keys_changed(self, secret_hashes: Sequence[str]) -> None:
+        client = connections.get("default")
+        for payload in chunks(secret_hashes):
+            try:
+                await client.execute_query("SELECT pg_notify($1, $2)", [CHANNEL, payload])
+            except Exception:  # the mutation committed; a lost notice is covered by the refresh
+                logger.warning("could not NOTIFY a key change; other caches refresh later")
+
+
+class Listener:
+    """Keeps a LISTEN connection open, reconnecting with backoff."""
+
+    def __init__(self, dsn: str, cache: KeyCache) -> None:
+        self.dsn = dsn
+        self.cache = cache
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        for secret_hash in payload.split(","):
+            self.cache.drop(secret_hash)
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=5)
+            except (TimeoutError, OSError, asyncpg.PostgresError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.1
+            try:
+                await conn.add_listener(CHANNEL, self._on_notify)
+                # Anything could have changed while nobody was listening.
+                self.cache.clear()
+                self.cache.trusted = True
+                self._connected.set()
+                while not conn.is_closed():
+                    await asyncio.sleep(0.25)
+                    with contextlib.suppress(asyncpg.PostgresError, OSError):
+                        await conn.execute("SELECT 1")
+            except (OSError, asyncpg.PostgresError):
+                pass
+            finally:
+                self.cache.trusted = False
+                self._connected.clear()
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=1)
+
+    async def start(self, wait: float = 5.0) -> None:
+        """Start listening; waits (bounded) for the first connection."""
+        self.cache.trusted = False
+        self._task = asyncio.create_task(self._run())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), wait)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
