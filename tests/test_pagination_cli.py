@@ -1,0 +1,90 @@
+"""Relay pagination walks every key once; the CLI prints exactly what the contract fixes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BACKEND
+from tests.support import WorkspaceHandle
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_pages_walk_every_key_once(ws: WorkspaceHandle) -> None:
+    created = {(await ws.create_key())[0] for _ in range(7)}
+    seen: list[str] = []
+    after = None
+    pages = 0
+    while True:
+        data = await ws.q(
+            """query($after: String) { keys(type: SERVER, first: 3, after: $after) {
+                 totalCount pageInfo { hasNextPage endCursor } edges { cursor node { id } } } }""",
+            {"after": after},
+        )
+        page = data["keys"]
+        assert page["totalCount"] == 7
+        seen += [edge["node"]["id"] for edge in page["edges"]]
+        pages += 1
+        if not page["pageInfo"]["hasNextPage"]:
+            break
+        assert page["pageInfo"]["endCursor"] == page["edges"][-1]["cursor"]
+        after = page["pageInfo"]["endCursor"]
+    assert pages == 3
+    assert len(seen) == 7 and set(seen) == created
+
+
+def _keyplane(
+    args: list[str], url: str, stdin: str = "", **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, "KEYPLANE_DATABASE_URL": url, **env},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.skipif(BACKEND != "sqlite", reason="CLI runs against its own SQLite file")
+def test_bootstrap_prints_one_json_object_and_reruns_mint_another_token(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path / 'cli.sqlite3'}"
+    assert _keyplane(["migrate"], url).returncode == 0
+    first = _keyplane(
+        ["bootstrap", "--workspace", "acme", "--plan", "FREE", "--key-prefix", "acme"], url
+    )
+    assert first.returncode == 0, first.stderr
+    out = json.loads(first.stdout)
+    assert set(out) == {"workspaceId", "token"} and out["workspaceId"].startswith("ws_")
+    second = json.loads(_keyplane(["bootstrap", "--workspace", "acme"], url).stdout)
+    assert second["workspaceId"] == out["workspaceId"] and second["token"] != out["token"]
+    owner = _keyplane(
+        ["bootstrap", "--workspace", "acme", "--email", "o@example.com"], url, "a long password\n"
+    )
+    assert owner.returncode == 0 and "a long password" not in owner.stdout + owner.stderr
+
+
+@pytest.mark.skipif(BACKEND != "sqlite", reason="CLI runs against its own SQLite file")
+@pytest.mark.parametrize(
+    ("args", "env", "said"),
+    [
+        (["bootstrap", "--workspace", "w", "--plan", "GOLD"], {}, "GOLD"),
+        (["bootstrap", "--workspace", "w", "--key-prefix", "Bad1"], {}, "Bad1"),
+        (["serve"], {"KEYPLANE_TRUSTED_PROXIES": "*"}, "KEYPLANE_TRUSTED_PROXIES"),
+        (["serve"], {"KEYPLANE_CORS_ORIGINS": "*"}, "KEYPLANE_CORS_ORIGINS"),
+        (["serve", "--workers", "2"], {}, "PostgreSQL"),
+    ],
+)
+def test_refusals_exit_non_zero_saying_why(
+    tmp_path: Path, args: list[str], env: dict[str, str], said: str
+) -> None:
+    result = _keyplane(args, f"sqlite://{tmp_path / 'cli.sqlite3'}", **env)
+    assert result.returncode != 0
+    assert said in result.stderr
