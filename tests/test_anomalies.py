@@ -8,7 +8,7 @@ import pytest
 from starlette.applications import Starlette
 
 from app.activity import ActivityRecorder
-from app.net import compile_allowlist
+from app.cache import record_from_model
 from app.settings import Settings
 from app.verifier import KeyRecord
 from models import ApiKey, UsageBucket
@@ -21,22 +21,8 @@ SET_HOURS = """mutation($h: BusinessHoursInput) { setBusinessHours(hours: $h) {
 
 
 async def _record(key_id: str) -> KeyRecord:
-    key = await ApiKey.get(public_id=key_id).select_related("environment", "workspace")
-    return KeyRecord(
-        key_id=key.public_id,
-        key_type=key.type.value,
-        workspace_pk=key.workspace_id,
-        workspace_id=key.workspace.public_id,
-        environment_pk=key.environment_id,
-        environment_id=key.environment.public_id,
-        status=key.status.value,
-        permissions=frozenset(key.permissions),
-        permission_list=tuple(sorted(key.permissions)),
-        allowed_networks=compile_allowlist(key.allowed_ips),
-        authorized_origins=frozenset(),
-        expires_at=key.expires_at,
-        grace_ends_at=key.grace_ends_at,
-    )
+    key = await ApiKey.get(public_id=key_id).select_related("environment", "workspace", "role")
+    return record_from_model(key)
 
 
 @pytest.fixture
