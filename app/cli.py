@@ -130,6 +130,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         access_log=False,
+        # Keyplane resolves the client IP itself (KEYPLANE_TRUSTED_PROXIES); uvicorn's own
+        # X-Forwarded-For rewriting would trust loopback callers behind Keyplane's back.
+        proxy_headers=False,
         log_level=args.log_level,
         timeout_graceful_shutdown=10,
     )

@@ -22,9 +22,11 @@ from app.http.graphql import GraphQLEndpoint, KeyplaneGraphQL
 from app.http.health import health
 from app.http.verify import verify_endpoint
 from app.invalidation import Listener, Notifier
+from app.metrics import Metrics, metrics_endpoint
 from app.services import Services
 from app.services.auth import FailureLimiter
 from app.settings import Settings
+from app.usage import UsageRecorder
 from resolvers.schema import build_schema
 
 
@@ -48,11 +50,13 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     if settings.is_postgres:
         services.changes.subscribe(Notifier())
     activity = ActivityRecorder(settings, services.clock)
+    usage = UsageRecorder(settings, services.clock)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with RegisterTortoise(app, config=tortoise_config(settings.database_url)):
             await activity.start()
+            await usage.start()
             listener = None
             if settings.is_postgres:
                 listener = Listener(settings.database_url, key_cache)
@@ -62,6 +66,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             finally:
                 if listener is not None:
                     await listener.stop()
+                await usage.stop()
                 await activity.stop()
 
     middleware = []
@@ -81,6 +86,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             Route("/graphql", graphql, methods=["GET", "POST"]),
             Route("/v1/verify", verify_endpoint, methods=["GET", "POST"]),
             Route("/governance/health", health, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
             Mount(ASSETS_PATH, app=graphiql_assets(), name="graphiql-assets"),
         ],
         middleware=middleware,
@@ -90,6 +96,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     app.state.settings = settings
     app.state.key_cache = key_cache
     app.state.activity = activity
+    app.state.usage = usage
+    app.state.metrics = Metrics()
     return app
 
 

@@ -29,6 +29,7 @@ from resolvers.cost import QueryCostRule
 from resolvers.keys import KeyMutations, KeyQueries
 from resolvers.management_tokens import ManagementTokenMutations
 from resolvers.members import MemberMutations, MemberQueries
+from resolvers.monitoring import MonitoringQueries
 from resolvers.roles import RoleMutations, RoleQueries
 from resolvers.scalars import SCALAR_MAP
 from resolvers.workspace import WorkspaceMutations, WorkspaceQueries
@@ -41,7 +42,15 @@ MAX_TOKENS = 2000
 
 
 @strawberry.type
-class Query(KeyQueries, WorkspaceQueries, RoleQueries, AuditQueries, MemberQueries, AnomalyQueries):
+class Query(
+    KeyQueries,
+    WorkspaceQueries,
+    RoleQueries,
+    AuditQueries,
+    MemberQueries,
+    AnomalyQueries,
+    MonitoringQueries,
+):
     pass
 
 

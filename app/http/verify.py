@@ -119,20 +119,14 @@ async def verify_endpoint(request: Request) -> Response:
             decision = verify(facts, record, now)
     ip_text = str(client_ip) if client_ip else "unknown"
     state.activity.observe(now=now, key=decision.record, ip=ip_text, required=facts.required)
-    # Usage counting and metrics are not built yet; they plug in here when they are.
-    usage = getattr(state, "usage", None)
-    if usage is not None:
-        usage.record(
-            now=now,
-            code=decision.code.value,
-            key=decision.record,
-            ip=ip_text,
-            origin=facts.origin,
-            message=decision.message,
-        )
-    metrics = getattr(state, "metrics", None)
-    if metrics is not None:
-        metrics.observe_verification(
-            code=decision.code.value, seconds=time.perf_counter() - started
-        )
+    state.usage.record(
+        now=now,
+        code=decision.code.value,
+        key=decision.record,
+        ip=ip_text,
+        origin=facts.origin,
+        message=decision.message,
+        token=facts.token,
+    )
+    state.metrics.observe_verification(decision.code.value, time.perf_counter() - started)
     return render(decision)

@@ -28,6 +28,7 @@ from app.services.principal import Principal
 from models import Anomaly, UsageBucket, Workspace
 
 MAX_ANOMALIES = 500
+KEY_BUCKETS = "key_"  # per-key usage buckets; per-environment totals are keyed by "env_…"
 DEFAULT_WINDOW = timedelta(hours=24)
 DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
@@ -155,7 +156,10 @@ async def list_anomalies(
     baseline: dict[str, int] = defaultdict(int)
     latest: dict[str, datetime] = {}
     buckets = await UsageBucket.filter(
-        **scope, bucket_start__gte=baseline_from, failed_requests__gt=0
+        **scope,
+        key_id__startswith=KEY_BUCKETS,
+        bucket_start__gte=baseline_from,
+        failed_requests__gt=0,
     )
     for bucket in buckets:
         if bucket.bucket_start >= recent_from:
@@ -188,7 +192,10 @@ async def list_anomalies(
         zone = ZoneInfo(hours_set.time_zone)
         since_hour = since.replace(minute=0, second=0, microsecond=0)
         for bucket in await UsageBucket.filter(
-            **scope, bucket_start__gte=since_hour, total_requests__gt=0
+            **scope,
+            key_id__startswith=KEY_BUCKETS,
+            bucket_start__gte=since_hour,
+            total_requests__gt=0,
         ).order_by("-bucket_start"):
             if hours_set.contains(bucket.bucket_start):
                 continue

@@ -1,0 +1,458 @@
+"""Usage counters and the denial log, without a database write per request.
+
+`/v1/verify` calls `record` (O(1), no I/O); a background task calls `flush` every flush interval
+and once more on shutdown. A flush writes, in one transaction:
+
+- the keys' lifetime counters (total / successful / failed) and `last_used_at`;
+- hourly usage buckets per key, and one per environment (`key_id` = the environment's public
+  ID), so the `usage` query reads pre-aggregated rows and never scans raw events;
+- the buffered denial rows.
+
+Counting rules (CONTRACT §4): a VALID verification adds a successful request and sets
+`lastUsedAt`; a refusal that names a known key adds a failed request. Every refusal is a denial.
+
+Flood folding: each client IP gets `denial_rate_per_ip` denial rows per minute; further refusals
+from that IP in the same minute are folded into one row per (IP, code, key) whose `count` says
+how many there were. Buffers are bounded: beyond MAX_DENIAL_ROWS pending rows, refusals are
+folded into one row per code with IP `(many)`; so memory and the table stay bounded under a
+flood of random tokens, and every refusal is still counted.
+
+Nothing is lost on a failed flush: the deltas go back into the buffers and are written by the
+next successful flush (counters merge, so nothing is counted twice). Denial rows older than
+`denial_retention_days` are pruned by the service itself; usage buckets are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.exceptions import BaseORMException
+from tortoise.expressions import F, Q
+from tortoise.transactions import in_transaction
+
+from app.clock import Clock
+from app.settings import Settings
+from app.tokens import parse_token
+from app.verifier import KeyRecord
+from models import ApiKey, Denial, UsageBucket, Workspace
+
+logger = logging.getLogger("keyplane.usage")
+
+MAX_DENIAL_ROWS = 50_000  # pending denial rows kept in memory between flushes
+MAX_TRACKED_IPS = 100_000  # per-minute rate counters; beyond this every IP is over its rate
+MANY_IPS = "(many)"
+PRUNE_EVERY_SECONDS = 600.0
+MESSAGE_LIMIT = 200
+ORIGIN_LIMIT = 300
+
+
+def hour_of(moment: datetime) -> datetime:
+    """The start of the UTC hour holding `moment` (the bucket it is counted in)."""
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+@dataclass
+class _Counts:
+    workspace_pk: int
+    environment_pk: int
+    total: int = 0
+    successful: int = 0
+    failed: int = 0
+    last_used: datetime | None = None
+
+    def add(self, other: _Counts) -> None:
+        self.total += other.total
+        self.successful += other.successful
+        self.failed += other.failed
+        if other.last_used is not None and (
+            self.last_used is None or other.last_used > self.last_used
+        ):
+            self.last_used = other.last_used
+
+
+@dataclass
+class _Denial:
+    at: datetime
+    ip: str
+    code: str
+    message: str
+    key: KeyRecord | None
+    origin: str | None
+    prefix: str | None  # the token's workspace prefix when the token was well-formed
+    count: int = 1
+
+
+@dataclass
+class _Buffers:
+    keys: dict[str, _Counts] = field(default_factory=dict)  # key ID -> lifetime deltas
+    buckets: dict[tuple[str, datetime], _Counts] = field(default_factory=dict)
+    denials: list[_Denial] = field(default_factory=list)
+    folded: dict[tuple[str, str, str | None, datetime], _Denial] = field(default_factory=dict)
+
+    def empty(self) -> bool:
+        return not (self.keys or self.buckets or self.denials or self.folded)
+
+    def requests(self) -> int:
+        return sum(c.total for c in self.keys.values())
+
+
+class UsageRecorder:
+    """Aggregates verifications in memory and writes them in batches."""
+
+    def __init__(self, settings: Settings, clock: Clock) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._buffers = _Buffers()
+        self._minute: datetime | None = None
+        self._per_ip: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._last_prune = 0.0
+        # For /metrics.
+        self.last_flush_monotonic = time.monotonic()
+        self.flushes = 0
+        self.flush_failures = 0
+        self.recorded = 0
+
+    # -- the hot path ---------------------------------------------------------------------
+    def record(
+        self,
+        *,
+        now: datetime,
+        code: str,
+        key: KeyRecord | None,
+        ip: str,
+        origin: str | None,
+        message: str,
+        token: str | None = None,
+    ) -> None:
+        """Count one verification. O(1), no I/O. `token` is only used to read its public prefix
+        (to attribute an unknown token's denial to a workspace); it is never stored."""
+        self.recorded += 1
+        valid = code == "VALID"
+        if key is not None:
+            self._count(key, now, valid)
+        if valid:
+            return
+        minute = now.replace(second=0, microsecond=0)
+        if minute != self._minute:
+            self._minute = minute
+            self._per_ip.clear()
+        seen = self._per_ip.get(ip)
+        if seen is None:
+            if len(self._per_ip) < MAX_TRACKED_IPS:
+                self._per_ip[ip] = 1
+                seen = 0
+            else:
+                seen = self.settings.denial_rate_per_ip  # too many IPs this minute: fold
+        else:
+            self._per_ip[ip] = seen + 1
+        prefix = None
+        if key is None and token is not None and (parsed := parse_token(token)) is not None:
+            prefix = parsed.prefix
+        buffers = self._buffers
+        if seen < self.settings.denial_rate_per_ip and len(buffers.denials) < MAX_DENIAL_ROWS:
+            buffers.denials.append(
+                _Denial(now, ip, code, message[:MESSAGE_LIMIT], key, origin, prefix)
+            )
+            return
+        fold_ip = ip if len(buffers.folded) < MAX_DENIAL_ROWS else MANY_IPS
+        marker = (fold_ip, code, key.key_id if key else None, minute)
+        folded = buffers.folded.get(marker)
+        if folded is None:
+            buffers.folded[marker] = _Denial(
+                now,
+                fold_ip,
+                code,
+                f"{message[:120]} (folded: over {self.settings.denial_rate_per_ip}/min per IP)",
+                key,
+                None,
+                prefix,
+                0,
+            )
+            folded = buffers.folded[marker]
+        folded.count += 1
+        folded.at = max(folded.at, now)
+
+    def _count(self, key: KeyRecord, now: datetime, valid: bool) -> None:
+        buffers = self._buffers
+        hour = hour_of(now)
+        lifetime = buffers.keys.get(key.key_id)
+        if lifetime is None:
+            lifetime = buffers.keys[key.key_id] = _Counts(key.workspace_pk, key.environment_pk)
+        per_key = buffers.buckets.get((key.key_id, hour))
+        if per_key is None:
+            per_key = buffers.buckets[(key.key_id, hour)] = _Counts(
+                key.workspace_pk, key.environment_pk
+            )
+        per_env = buffers.buckets.get((key.environment_id, hour))
+        if per_env is None:
+            per_env = buffers.buckets[(key.environment_id, hour)] = _Counts(
+                key.workspace_pk, key.environment_pk
+            )
+        for counts in (lifetime, per_key, per_env):
+            counts.total += 1
+            if valid:
+                counts.successful += 1
+            else:
+                counts.failed += 1
+        if valid and (lifetime.last_used is None or now > lifetime.last_used):
+            lifetime.last_used = now
+
+    # -- writing --------------------------------------------------------------------------
+    @property
+    def pending_requests(self) -> int:
+        """Verifications of known keys counted in memory and not yet written."""
+        return self._buffers.requests()
+
+    @property
+    def pending_denials(self) -> int:
+        return len(self._buffers.denials) + len(self._buffers.folded)
+
+    async def flush(self) -> bool:
+        """Write everything buffered. Returns False (keeping the deltas) when the database
+        could not take it."""
+        async with self._lock:
+            batch, self._buffers = self._buffers, _Buffers()
+            if batch.empty():
+                self.last_flush_monotonic = time.monotonic()
+                return True
+            try:
+                await self._write(batch)
+            except (BaseORMException, OSError, ConnectionError) as exc:
+                self.flush_failures += 1
+                logger.warning(
+                    "usage flush failed (%s); keeping %d requests and %d denials for the next",
+                    type(exc).__name__,
+                    batch.requests(),
+                    len(batch.denials) + len(batch.folded),
+                )
+                self._merge_back(batch)
+                return False
+            self.flushes += 1
+            self.last_flush_monotonic = time.monotonic()
+            return True
+
+    def _merge_back(self, batch: _Buffers) -> None:
+        current = self._buffers
+        for key_id, counts in batch.keys.items():
+            if key_id in current.keys:
+                counts.add(current.keys[key_id])
+            current.keys[key_id] = counts
+        for marker, counts in batch.buckets.items():
+            if marker in current.buckets:
+                counts.add(current.buckets[marker])
+            current.buckets[marker] = counts
+        room = MAX_DENIAL_ROWS - len(current.denials)
+        current.denials[:0] = batch.denials[:room]
+        for overflow in batch.denials[room:]:
+            self._fold_overflow(current, overflow)
+        for fold, denial in batch.folded.items():
+            existing = current.folded.get(fold)
+            if existing is None:
+                current.folded[fold] = denial
+            else:
+                existing.count += denial.count
+
+    @staticmethod
+    def _fold_overflow(buffers: _Buffers, denial: _Denial) -> None:
+        minute = denial.at.replace(second=0, microsecond=0)
+        folded_marker = (
+            MANY_IPS,
+            denial.code,
+            denial.key.key_id if denial.key else None,
+            minute,
+        )
+        existing = buffers.folded.get(folded_marker)
+        if existing is None:
+            denial.ip = MANY_IPS
+            denial.origin = None
+            buffers.folded[folded_marker] = denial
+        else:
+            existing.count += denial.count
+
+    async def _write(self, batch: _Buffers) -> None:
+        denials = [*batch.denials, *batch.folded.values()]
+        prefixes = {d.prefix for d in denials if d.key is None and d.prefix}
+        owners: dict[str, int] = {}
+        if prefixes:
+            # An unknown but well-formed token is shown to the workspace whose prefix it
+            # carries, when exactly one workspace uses that prefix.
+            seen: dict[str, list[int]] = {}
+            for ws_pk, prefix in await Workspace.filter(key_prefix__in=prefixes).values_list(
+                "id", "key_prefix"
+            ):
+                seen.setdefault(str(prefix), []).append(int(ws_pk))
+            owners = {p: pks[0] for p, pks in seen.items() if len(pks) == 1}
+        async with in_transaction() as conn:
+            if self.settings.is_postgres:
+                await self._write_counts_postgres(conn, batch)
+            else:
+                await self._write_counts_orm(conn, batch)
+            if denials:
+                await Denial.bulk_create(
+                    [
+                        Denial(
+                            workspace_id=d.key.workspace_pk
+                            if d.key
+                            else owners.get(d.prefix or ""),
+                            environment_id=d.key.environment_pk if d.key else None,
+                            key_id=d.key.key_id if d.key else None,
+                            at=d.at,
+                            ip=d.ip[:45],
+                            origin=d.origin[:ORIGIN_LIMIT] if d.origin else None,
+                            code=d.code,
+                            message=d.message[:MESSAGE_LIMIT],
+                            count=d.count,
+                        )
+                        for d in denials
+                    ],
+                    batch_size=1000,
+                    using_db=conn,
+                )
+
+    @staticmethod
+    async def _write_counts_postgres(conn: BaseDBAsyncClient, batch: _Buffers) -> None:
+        """Two statements whatever the batch size: an UPDATE … FROM unnest for the keys and an
+        INSERT … ON CONFLICT upsert for the buckets."""
+        execute = conn.execute_query
+        if batch.keys:
+            ids = list(batch.keys)
+            counts = [batch.keys[k] for k in ids]
+            await execute(
+                """UPDATE api_keys AS k SET
+                       total_requests = k.total_requests + v.total,
+                       successful_requests = k.successful_requests + v.ok,
+                       failed_requests = k.failed_requests + v.failed,
+                       last_used_at = GREATEST(k.last_used_at, v.last_used)
+                   FROM unnest($1::varchar[], $2::bigint[], $3::bigint[], $4::bigint[],
+                               $5::timestamptz[]) AS v(public_id, total, ok, failed, last_used)
+                   WHERE k.public_id = v.public_id""",
+                [
+                    ids,
+                    [c.total for c in counts],
+                    [c.successful for c in counts],
+                    [c.failed for c in counts],
+                    [c.last_used for c in counts],
+                ],
+            )
+        if batch.buckets:
+            markers = list(batch.buckets)
+            rows = [batch.buckets[m] for m in markers]
+            await execute(
+                """INSERT INTO usage_buckets AS b (workspace_id, environment_id, key_id,
+                       bucket_start, total_requests, successful_requests, failed_requests)
+                   SELECT * FROM unnest($1::int[], $2::int[], $3::varchar[], $4::timestamptz[],
+                                        $5::bigint[], $6::bigint[], $7::bigint[])
+                   ON CONFLICT (key_id, bucket_start) DO UPDATE SET
+                       total_requests = b.total_requests + EXCLUDED.total_requests,
+                       successful_requests = b.successful_requests + EXCLUDED.successful_requests,
+                       failed_requests = b.failed_requests + EXCLUDED.failed_requests""",
+                [
+                    [r.workspace_pk for r in rows],
+                    [r.environment_pk for r in rows],
+                    [m[0] for m in markers],
+                    [m[1] for m in markers],
+                    [r.total for r in rows],
+                    [r.successful for r in rows],
+                    [r.failed for r in rows],
+                ],
+            )
+
+    @staticmethod
+    async def _write_counts_orm(conn: BaseDBAsyncClient, batch: _Buffers) -> None:
+        """SQLite (one process): per-key increments through the ORM, buckets read then upserted."""
+        for key_id, c in batch.keys.items():
+            await (
+                ApiKey.filter(public_id=key_id)
+                .using_db(conn)
+                .update(
+                    total_requests=F("total_requests") + c.total,
+                    successful_requests=F("successful_requests") + c.successful,
+                    failed_requests=F("failed_requests") + c.failed,
+                )
+            )
+            if c.last_used is not None:
+                await (
+                    ApiKey.filter(public_id=key_id)
+                    .filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=c.last_used))
+                    .using_db(conn)
+                    .update(last_used_at=c.last_used)
+                )
+        if not batch.buckets:
+            return
+        existing = {
+            (b.key_id, b.bucket_start): b
+            for b in await UsageBucket.filter(
+                key_id__in={m[0] for m in batch.buckets},
+                bucket_start__in={m[1] for m in batch.buckets},
+            ).using_db(conn)
+        }
+        new: list[UsageBucket] = []
+        for (key_id, start), c in batch.buckets.items():
+            row = existing.get((key_id, start))
+            if row is None:
+                new.append(
+                    UsageBucket(
+                        workspace_id=c.workspace_pk,
+                        environment_id=c.environment_pk,
+                        key_id=key_id,
+                        bucket_start=start,
+                        total_requests=c.total,
+                        successful_requests=c.successful,
+                        failed_requests=c.failed,
+                    )
+                )
+            else:
+                await (
+                    UsageBucket.filter(id=row.id)
+                    .using_db(conn)
+                    .update(
+                        total_requests=F("total_requests") + c.total,
+                        successful_requests=F("successful_requests") + c.successful,
+                        failed_requests=F("failed_requests") + c.failed,
+                    )
+                )
+        if new:
+            await UsageBucket.bulk_create(new, batch_size=1000, using_db=conn)
+
+    async def prune(self, now: datetime | None = None) -> int:
+        """Delete denial rows older than the retention age; returns how many went."""
+        now = now or self.clock.now()
+        cutoff = now - timedelta(days=self.settings.denial_retention_days)
+        deleted: int = await Denial.filter(at__lt=cutoff).delete()
+        return deleted
+
+    # -- the background task --------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.flush_interval_seconds)
+            await self.flush()
+            if time.monotonic() - self._last_prune >= PRUNE_EVERY_SECONDS:
+                self._last_prune = time.monotonic()
+                with contextlib.suppress(BaseORMException, OSError, ConnectionError):
+                    await self.prune()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Stop the loop and write what is left (a clean shutdown loses nothing)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if not await self.flush():
+            logger.error(
+                "shutdown flush failed: %d requests and %d denials not written",
+                self.pending_requests,
+                self.pending_denials,
+            )
