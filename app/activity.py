@@ -130,8 +130,9 @@ class ActivityRecorder:
             for (key_id, ip), seen in sorted(ips.items(), key=lambda item: item[1].first):
                 row = known.get((key_id, ip))
                 if row is None:
-                    # A key's very first IP sets its baseline; later new ones are news.
-                    if key_id in keys_with_history:
+                    # A key's very first IP sets its baseline; later new ones are news. A key
+                    # with an allowlist has its baseline already: any IP off it is news.
+                    if key_id in keys_with_history or seen.record.allowed_networks:
                         add(
                             seen.record,
                             "NEW_IP",
