@@ -113,11 +113,13 @@ def is_public_id(value: str, kind: str) -> bool:
 # them from ever being mistaken for an API key (and vice versa).
 MANAGEMENT_TAG = "kpm"
 SESSION_TAG = "kps"
+INVITE_TAG = "kpi"  # a one-time invitation to set a password; never a bearer
 _BEARER_RE = re.compile(rf"^(kpm|kps)_([0-9A-Za-z]{{{BODY_CHARS}}})$")
+_INVITE_RE = re.compile(rf"^kpi_[0-9A-Za-z]{{{BODY_CHARS}}}$")
 
 
 def mint_bearer(tag: str) -> str:
-    """A fresh management (`kpm_…`) or session (`kps_…`) token."""
+    """A fresh management (`kpm_…`), session (`kps_…`) or invitation (`kpi_…`) token."""
     head = f"{tag}_{base62(secrets.randbits(RANDOM_BITS), RANDOM_CHARS)}"
     return head + checksum(head)
 
@@ -134,9 +136,16 @@ def parse_bearer(token: str) -> str | None:
     return match.group(1)
 
 
+def is_invite_token(token: str) -> bool:
+    """True for a well-formed invitation token (shape and checksum)."""
+    if len(token) != 4 + BODY_CHARS or _INVITE_RE.match(token) is None:
+        return False
+    return hmac.compare_digest(checksum(token[:-CHECKSUM_CHARS]), token[-CHECKSUM_CHARS:])
+
+
 # Anything shaped like an API key or a management/session token, wherever it appears in a text.
 _SECRET_SHAPE = re.compile(
-    rf"[a-z]{{2,12}}_(?:sdk|mob|cs)_[0-9A-Za-z]{{{BODY_CHARS}}}|(?:kpm|kps)_[0-9A-Za-z]{{{BODY_CHARS}}}"
+    rf"[a-z]{{2,12}}_(?:sdk|mob|cs)_[0-9A-Za-z]{{{BODY_CHARS}}}|(?:kpm|kps|kpi)_[0-9A-Za-z]{{{BODY_CHARS}}}"
 )
 REDACTED = "<redacted secret>"
 

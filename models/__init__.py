@@ -160,6 +160,9 @@ class Member(Model):
     name = fields.CharField(max_length=100, null=True)
     role = fields.CharEnumField(MemberRole, max_length=16)
     password_hash = fields.CharField(max_length=255, null=True)
+    # A pending invitation: the SHA-256 of the one-time invite token, and when it lapses.
+    invite_hash = fields.CharField(max_length=64, null=True, unique=True)
+    invite_expires_at = fields.DatetimeField(null=True)
     created_at = fields.DatetimeField()
 
     class Meta:

@@ -53,6 +53,10 @@ class LogoutSuccess:
 @strawberry.type
 class InviteMemberSuccess:
     member: MemberType
+    invite_token: str = strawberry.field(
+        description="One-time invitation token for the invitee's acceptInvite. Shown once."
+    )
+    invite_expires_at: datetime
 
 
 @strawberry.type
@@ -67,6 +71,10 @@ class RemoveMemberSuccess:
 
 LoginResult = Annotated[LoginSuccess | InvalidCredentialsError, strawberry.union("LoginResult")]
 LogoutResult = Annotated[LogoutSuccess | InvalidStateError, strawberry.union("LogoutResult")]
+AcceptInviteResult = Annotated[
+    LoginSuccess | InvalidCredentialsError | ValidationFailedError,
+    strawberry.union("AcceptInviteResult"),
+]
 InviteMemberResult = Annotated[
     InviteMemberSuccess | ValidationFailedError, strawberry.union("InviteMemberResult")
 ]
@@ -104,6 +112,28 @@ class MemberMutations:
             member=MemberType.from_model(session.member),
         )
 
+    @strawberry.mutation(
+        description="An invited member sets a password (and name) with their invitation "
+        "token and is logged in; needs no bearer. The token works once."
+    )
+    async def accept_invite(
+        self, info: Info, token: str, password: str, name: str | None = None
+    ) -> AcceptInviteResult:
+        context = info.context
+        try:
+            session = await member_service.accept_invite(
+                token, password, name, context.services.clock.now()
+            )
+        except DomainError as exc:
+            if exc.code == "INVALID_CREDENTIALS":
+                context.record_auth_failure()
+            return error_value(exc)  # type: ignore[return-value]
+        return LoginSuccess(
+            token=session.token,
+            expires_at=session.expires_at,
+            member=MemberType.from_model(session.member),
+        )
+
     @strawberry.mutation(description="End the calling session.")
     async def logout(self, info: Info) -> LogoutResult:
         try:
@@ -115,12 +145,16 @@ class MemberMutations:
     @strawberry.mutation
     async def invite_member(self, info: Info, email: str, role: MemberRole) -> InviteMemberResult:
         try:
-            member = await member_service.invite_member(
+            invited = await member_service.invite_member(
                 info.context.services, info.context.operator, email, models.MemberRole(role.value)
             )
         except DomainError as exc:
             return error_value(exc)  # type: ignore[return-value]
-        return InviteMemberSuccess(member=MemberType.from_model(member))
+        return InviteMemberSuccess(
+            member=MemberType.from_model(invited.member),
+            invite_token=invited.token,
+            invite_expires_at=invited.expires_at,
+        )
 
     @strawberry.mutation
     async def update_member(

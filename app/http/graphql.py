@@ -2,7 +2,8 @@
 
 Authentication happens here, before any GraphQL execution, so that missing or bad credentials
 get a real HTTP 401 (and too many failures a 429) with the contract's JSON body. Only a document
-made solely of `login` (and, when enabled, introspection) runs without a bearer.
+made solely of `login` or `acceptInvite` (and, when enabled, introspection) runs without a
+bearer.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from app.services import Services
 from app.services.auth import FailureLimiter, authenticate
 from resolvers.context import Context
 
-PUBLIC_FIELDS = frozenset({"login"})
+PUBLIC_FIELDS = frozenset({"login", "acceptInvite"})
 INTROSPECTION_FIELDS = frozenset({"__schema", "__type", "__typename"})
 CONTEXT_KEY = "keyplane_context"
 

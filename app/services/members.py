@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,13 +20,29 @@ from app.passwords import (
 from app.permissions import KEY_VIEW, MEMBER_MANAGE
 from app.services import Services, audit
 from app.services.principal import Principal
-from app.services.validation import require_public_id
-from app.tokens import SESSION_TAG, hash_secret, mint_bearer, new_public_id
-from models import Member, MemberRole, Session, Workspace
+from app.services.validation import clean_name, require_public_id
+from app.tokens import (
+    INVITE_TAG,
+    SESSION_TAG,
+    hash_secret,
+    is_invite_token,
+    mint_bearer,
+    new_public_id,
+)
+from models import AuditEvent, Member, MemberRole, Session, Workspace
 
 SESSION_LIFETIME = timedelta(hours=12)
+INVITE_LIFETIME = timedelta(days=7)
+GENERIC_INVITE_FAILURE = "Invalid or expired invitation"
 _EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}\.[^@\s]{1,63}$")
 GENERIC_LOGIN_FAILURE = "Invalid email or password"
+
+
+@dataclass(frozen=True)
+class Invited:
+    member: Member
+    token: str  # shown once, to be handed to the invitee; only its hash is stored
+    expires_at: datetime
 
 
 @dataclass(frozen=True)
@@ -103,26 +120,78 @@ async def _owners(workspace_id: int) -> int:
 
 async def invite_member(
     services: Services, principal: Principal, email: str, role: MemberRole
-) -> Member:
-    """Add a member without a password; they can log in once an owner sets one."""
+) -> Invited:
+    """Add a member without a password and mint their one-time invitation token (valid for
+    INVITE_LIFETIME). Inviting a member who has not accepted yet issues a fresh token and
+    voids the old one; a member who has a password is refused."""
     principal.require(MEMBER_MANAGE)
     address = clean_email(email)
     now = services.clock.now()
+    token = mint_bearer(INVITE_TAG)
+    expires_at = now + INVITE_LIFETIME
     async with in_transaction():
+        member = await Member.get_or_none(email=address)
         # login(email, password) names no workspace, so an email belongs to one member only.
-        if await Member.exists(email=address):
+        if member is not None and (
+            member.workspace_id != principal.workspace_id or member.password_hash is not None
+        ):
             raise ValidationFailed(f"{address!r} is already a member", field="email")
-        member = await Member.create(
-            public_id=new_public_id("mem"),
-            workspace_id=principal.workspace_id,
-            email=address,
-            role=role,
-            created_at=now,
-        )
+        if member is None:
+            member = await Member.create(
+                public_id=new_public_id("mem"),
+                workspace_id=principal.workspace_id,
+                email=address,
+                role=role,
+                created_at=now,
+                invite_hash=hash_secret(token),
+                invite_expires_at=expires_at,
+            )
+        else:
+            member.role = role
+            member.invite_hash = hash_secret(token)
+            member.invite_expires_at = expires_at
+            await member.save(update_fields=["role", "invite_hash", "invite_expires_at"])
         await audit.record(
             principal, "member.invite", now, member=member.public_id, email=address, role=role.value
         )
-    return member
+    return Invited(member=member, token=token, expires_at=expires_at)
+
+
+async def accept_invite(token: str, password: str, name: str | None, now: datetime) -> LoggedIn:
+    """Set the invited member's password (and name) and log them in. The token works once;
+    an unknown, used or lapsed one gets one generic answer."""
+    if not is_invite_token(token):
+        raise InvalidCredentials(GENERIC_INVITE_FAILURE)
+    check_new_password(password)
+    display_name = clean_name(name, "name") if name is not None else None
+    async with in_transaction():
+        member = await Member.filter(invite_hash=hash_secret(token)).select_for_update().first()
+        if member is None or member.invite_expires_at is None or member.invite_expires_at <= now:
+            raise InvalidCredentials(GENERIC_INVITE_FAILURE)
+        member.password_hash = hash_password(password)
+        member.invite_hash = None
+        member.invite_expires_at = None
+        fields = ["password_hash", "invite_hash", "invite_expires_at"]
+        if display_name is not None:
+            member.name = display_name
+            fields.append("name")
+        await member.save(update_fields=fields)
+        session_token = mint_bearer(SESSION_TAG)
+        expires_at = now + SESSION_LIFETIME
+        await Session.create(
+            member=member,
+            token_hash=hash_secret(session_token),
+            created_at=now,
+            expires_at=expires_at,
+        )
+        await AuditEvent.create(
+            workspace_id=member.workspace_id,
+            at=now,
+            action="member.accept_invite",
+            actor=f"member:{member.email}",
+            detail=json.dumps({"member": member.public_id}),
+        )
+    return LoggedIn(token=session_token, expires_at=expires_at, member=member)
 
 
 async def update_member(
@@ -190,6 +259,10 @@ async def set_owner(workspace: Workspace, email: str, password: str, now: dateti
         else:
             member.role = MemberRole.OWNER
             member.password_hash = hash_password(password)
-            await member.save(update_fields=["role", "password_hash"])
+            member.invite_hash = None
+            member.invite_expires_at = None
+            await member.save(
+                update_fields=["role", "password_hash", "invite_hash", "invite_expires_at"]
+            )
             await Session.filter(member_id=member.id).update(ended_at=now)
     return member
