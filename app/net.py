@@ -40,9 +40,23 @@ def parse_address(text: str) -> Address | None:
     return address
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _unmap(network: Network) -> Network:
+    """An IPv4-mapped IPv6 range (`::ffff:10.0.0.0/104`) as the IPv4 range it stands for
+    (`10.0.0.0/8`): clients' mapped addresses are compared as IPv4, so the entry must be too."""
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+        return ipaddress.IPv4Network(
+            (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96)
+        )
+    return network
+
+
 def parse_network(text: str) -> Network:
-    """Parse an IP or CIDR (`10.0.0.0/8`, `2001:db8::/32`, `192.0.2.7`); ValueError otherwise."""
-    return ipaddress.ip_network(text.strip(), strict=False)
+    """Parse an IP or CIDR (`10.0.0.0/8`, `2001:db8::/32`, `192.0.2.7`); ValueError otherwise.
+    IPv4-mapped IPv6 ranges become the IPv4 range they stand for."""
+    return _unmap(ipaddress.ip_network(text.strip(), strict=False))
 
 
 def normalise_allowed_ip(text: str) -> str:
@@ -64,6 +78,7 @@ def normalise_allowed_ip(text: str) -> str:
                     f"{text!r} has host bits set; did you mean {loose.compressed}?"
                 ) from None
             raise ValueError(f"{text!r} is not an IPv4/IPv6 address or CIDR") from None
+        network = _unmap(network)
         if network.num_addresses == 1:
             return network.network_address.compressed
         return network.compressed

@@ -95,15 +95,32 @@ async def login(email: str, password: str, now: datetime) -> LoggedIn:
             await Session.create(
                 member=member, token_hash=hash_secret(token), created_at=now, expires_at=expires_at
             )
+            await _member_audit(member, "member.login", now)
         return LoggedIn(token=token, expires_at=expires_at, member=member)
     raise InvalidCredentials(GENERIC_LOGIN_FAILURE)
+
+
+async def _member_audit(member: Member, action: str, now: datetime) -> None:
+    """An audit entry for something a member did before (or without) a Principal: logging in
+    or accepting an invitation. A failed login writes nothing: that extra write would make a
+    wrong password on a real email slower than an unknown email (failures are rate-limited)."""
+    await AuditEvent.create(
+        workspace_id=member.workspace_id,
+        at=now,
+        action=action,
+        actor=f"member:{member.email}",
+        detail=json.dumps({"member": member.public_id}),
+    )
 
 
 async def logout(services: Services, principal: Principal) -> None:
     """End the calling session (a management token has no session to end)."""
     if principal.session_id is None:
         raise InvalidState("logout ends a member's session; this request used a management token")
-    await Session.filter(id=principal.session_id).update(ended_at=services.clock.now())
+    now = services.clock.now()
+    async with in_transaction():
+        await Session.filter(id=principal.session_id).update(ended_at=now)
+        await audit.record(principal, "member.logout", now)
 
 
 async def _member(principal: Principal, member_id: str) -> Member:
@@ -184,13 +201,7 @@ async def accept_invite(token: str, password: str, name: str | None, now: dateti
             created_at=now,
             expires_at=expires_at,
         )
-        await AuditEvent.create(
-            workspace_id=member.workspace_id,
-            at=now,
-            action="member.accept_invite",
-            actor=f"member:{member.email}",
-            detail=json.dumps({"member": member.public_id}),
-        )
+        await _member_audit(member, "member.accept_invite", now)
     return LoggedIn(token=session_token, expires_at=expires_at, member=member)
 
 
