@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+import httpx
 import pytest
+from starlette.applications import Starlette
 
 from app.services.members import set_owner
 from app.tokens import hash_secret
-from models import AuditEvent, Workspace
+from models import AuditEvent, Denial, Workspace
 from tests.support import OffsetClock, WorkspaceHandle, gql
 
 PASSWORD = "leak-test password 123"
@@ -43,7 +45,7 @@ def captured_logs() -> Iterator[_Capture]:
 
 
 async def test_no_secret_in_logs_audit_or_later_responses(
-    ws: WorkspaceHandle, clock: OffsetClock, captured_logs: _Capture
+    app: Starlette, ws: WorkspaceHandle, clock: OffsetClock, captured_logs: _Capture
 ) -> None:
     later: list[str] = []  # every response body after the one that showed a secret
     secrets: list[str] = [ws.token]
@@ -81,6 +83,47 @@ async def test_no_secret_in_logs_audit_or_later_responses(
         {"e": email, "p": PASSWORD},
     )
     secrets.append(login["data"]["login"]["token"])
+    invited = await run(
+        """mutation($e: String!) { inviteMember(email: $e, role: VIEWER) {
+             ... on InviteMemberSuccess { inviteToken } } }""",
+        {"e": f"invitee.{ws.name}@example.com"},
+    )
+    secrets.append(invited["data"]["inviteMember"]["inviteToken"])
+    accepted = await gql(
+        ws.client,
+        """mutation($t: String!, $p: String!) { acceptInvite(token: $t, password: $p) {
+             ... on LoginSuccess { token } } }""",
+        {"t": secrets[-1], "p": PASSWORD},
+    )
+    later.append(str(accepted))
+    secrets.append(accepted["data"]["acceptInvite"]["token"])
+    # Verifications, valid and refused, every way a key can arrive; the answers must not
+    # echo the key.
+    tampered = secrets[1][:-1] + ("A" if secrets[1][-1] != "A" else "B")
+    for token in (secrets[1], secrets[2], tampered):
+        for response in (
+            await ws.client.get("/v1/verify", headers={"X-API-Key": token}),
+            await ws.client.post(
+                "/v1/verify", headers={"Authorization": f"Bearer {token}"}, json={}
+            ),
+            await ws.client.post("/v1/verify", json={"key": token, "permissions": ["a.b"]}),
+        ):
+            later.append(response.text)
+    transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 1))  # on the allowlist
+    async with httpx.AsyncClient(transport=transport, base_url="http://kp.test") as inside:
+        ok = await inside.get("/v1/verify", headers={"X-API-Key": secrets[2]})
+        assert ok.json()["code"] == "VALID"
+        later.append(ok.text)
+    assert await app.state.usage.flush()
+    later.append((await ws.client.get("/metrics")).text)
+    later.append(
+        str(
+            await run(
+                """{ denials(first: 100) { edges { node { keyId ip origin code message } } }
+                     denialsByIp { ip codes } }"""
+            )
+        )
+    )
     # Refusals and errors that might echo what they were given.
     await run(
         "mutation($p: String!) { login(email: $p, password: $p) { ... on Error { message } } }",
@@ -103,6 +146,9 @@ async def test_no_secret_in_logs_audit_or_later_responses(
     audit_text = " ".join(
         f"{e.action} {e.actor} {e.detail}"
         for e in await AuditEvent.filter(workspace__public_id=ws.id)
+    )
+    audit_text += " ".join(
+        f"{d.key_id} {d.ip} {d.origin} {d.code} {d.message}" for d in await Denial.all()
     )
     hashes = [hash_secret(s) for s in secrets]
     for where, text in {"logs": "\n".join(captured_logs.lines), "audit": audit_text}.items():

@@ -467,3 +467,24 @@ async def test_clean_shutdown_writes_every_count(
     assert datetime.now(UTC) - datetime.fromisoformat(
         (await key_usage(ws, ok_id))["lastUsedAt"]
     ) < timedelta(minutes=5)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "{ usage { totals { totalRequests } } }",
+        "{ denials { edges { node { id } } } }",
+        "{ denialsByIp { ip } }",
+        "{ anomalies { kind } }",
+    ],
+)
+async def test_monitoring_needs_api_key_view(ws: WorkspaceHandle, query: str) -> None:
+    created = await ws.q(
+        """mutation { createManagementToken(name: "writer", permissions: ["api.key.create"]) {
+             __typename ... on CreateManagementTokenSuccess { token } } }"""
+    )
+    token = created["createManagementToken"]["token"]
+    body = await ws.raw(query, token=token)
+    assert body["data"] is None
+    assert body["errors"][0]["extensions"]["code"] == "FORBIDDEN"
+    assert "api.key.view" in body["errors"][0]["message"]
