@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from tortoise.exceptions import BaseORMException
 from tortoise.transactions import in_transaction
 
 from app.clock import Clock
-from app.net import ip_allowed, parse_address
+from app.db import DATABASE_ERRORS
+from app.net import Address, ip_allowed, parse_address
 from app.permissions import missing_permissions
 from app.settings import Settings
 from app.verifier import KeyRecord
@@ -57,17 +57,35 @@ class ActivityRecorder:
         self, *, now: datetime, key: KeyRecord | None, ip: str, required: Sequence[str]
     ) -> None:
         """Note one verification that named a known key. O(1), no I/O."""
-        if key is None:
-            return
-        address = parse_address(ip)
+        if key is not None:
+            address = parse_address(ip)
+            self.observe_address(
+                now=now,
+                key=key,
+                address=address,
+                text=str(address) if address is not None else "",
+                required=required,
+            )
+
+    def observe_address(
+        self,
+        *,
+        now: datetime,
+        key: KeyRecord,
+        address: Address | None,
+        text: str,
+        required: Sequence[str],
+    ) -> None:
+        """`observe` for a caller that already holds the parsed client address and its text."""
         # An IP on the key's own allowlist is expected, never news.
         allowlisted = bool(key.allowed_networks) and ip_allowed(address, key.allowed_networks)
         if address is not None and not allowlisted:
-            seen = self._ips.get((key.key_id, str(address)))
+            marker_ip = (key.key_id, text)
+            seen = self._ips.get(marker_ip)
             if seen is not None:
                 seen.last = now
             elif len(self._ips) < MAX_BUFFERED:
-                self._ips[(key.key_id, str(address))] = _Seen(key, now, now)
+                self._ips[marker_ip] = _Seen(key, now, now)
             else:
                 self.dropped += 1
         for permission in required:
@@ -89,7 +107,7 @@ class ActivityRecorder:
             return 0
         try:
             return await self._write(ips, permissions)
-        except (BaseORMException, OSError, ConnectionError):
+        except DATABASE_ERRORS:
             logger.warning("activity flush failed; keeping %d observations", len(ips))
             for marker, seen in ips.items():
                 self._ips.setdefault(marker, seen)

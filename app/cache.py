@@ -6,6 +6,12 @@ the database. Every management change reports the affected hashes through the Ch
 the entries are dropped before the mutation returns; entries also expire after
 `cache_refresh_seconds` as a safety net. When the database cannot be reached, an entry filled
 less than `max_staleness_seconds` ago is still served; otherwise the caller gets Unavailable.
+
+Fault handling (tests/test_faults.py): every way the database can fail (`app.db.DATABASE_ERRORS`,
+including asyncpg's untranslated connection errors during a PostgreSQL restart) means
+Unavailable, never an HTTP 500; the staleness is measured when the lookup fails, not when it
+started (a slow failing connect must not stretch the bound); and the shared in-flight lookup is
+always resolved, so concurrent waiters for the same key never hang when the loader dies.
 """
 
 from __future__ import annotations
@@ -16,8 +22,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tortoise.exceptions import BaseORMException
-
+from app.db import DATABASE_ERRORS
 from app.net import compile_allowlist
 from app.settings import Settings
 from app.verifier import KeyRecord
@@ -29,10 +34,11 @@ class Unavailable(Exception):
 
 
 @dataclass(slots=True)
-class _Entry:
+class CacheEntry:
     record: KeyRecord | None  # None: a negative entry (unknown token)
     fresh_until: float
     filled_at: float
+    body: bytes | None = None  # the rendered VALID answer, kept by the verify endpoint
 
 
 def record_from_model(key: ApiKey) -> KeyRecord:
@@ -64,7 +70,7 @@ class KeyCache:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}
         self._generation = 0  # bumped by every invalidation: a racing fill is not stored
         self.hits = 0
@@ -91,6 +97,16 @@ class KeyCache:
         self._generation += 1
         self._entries.clear()
 
+    def fresh(self, secret_hash: str) -> CacheEntry | None:
+        """The fresh cached entry for this hash, or None: the no-I/O fast path of `get`. Only
+        hashes of well-formed tokens are ever stored, so a hit also proves the token's shape."""
+        entry = self._entries.get(secret_hash)
+        if entry is not None and self.trusted and entry.fresh_until > time.monotonic():
+            self._entries.move_to_end(secret_hash)
+            self.hits += 1
+            return entry
+        return None
+
     async def get(self, secret_hash: str) -> KeyRecord | None:
         """The record for this hash (None when unknown); raises Unavailable when it cannot be
         known. A fresh cached entry costs no database round trip."""
@@ -109,11 +125,11 @@ class KeyCache:
         generation = self._generation
         try:
             record = await self._load(secret_hash)
-        except (BaseORMException, OSError, ConnectionError) as exc:
+        except DATABASE_ERRORS as exc:
             stale_ok = (
                 entry is not None
                 and entry.record is not None
-                and now - entry.filled_at <= self.settings.max_staleness_seconds
+                and time.monotonic() - entry.filled_at <= self.settings.max_staleness_seconds
             )
             error = Unavailable("database unreachable")
             if stale_ok:
@@ -123,9 +139,13 @@ class KeyCache:
             future.set_exception(error)
             future.exception()  # retrieved: waiters re-raise it themselves
             raise error from exc
+        else:
+            future.set_result(record)
         finally:
             self._inflight.pop(secret_hash, None)
-        future.set_result(record)
+            if not future.done():  # the loader died otherwise (cancelled, a bug): free waiters
+                future.set_exception(Unavailable("key lookup abandoned"))
+                future.exception()
         if generation == self._generation:
             self._store(secret_hash, record, now)
         return record
@@ -136,7 +156,7 @@ class KeyCache:
             if record is not None
             else self.settings.negative_cache_seconds
         )
-        self._entries[secret_hash] = _Entry(record, now + ttl, now)
+        self._entries[secret_hash] = CacheEntry(record, now + ttl, now)
         self._entries.move_to_end(secret_hash)
         while len(self._entries) > self.settings.cache_size:
             self._entries.popitem(last=False)

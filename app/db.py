@@ -1,15 +1,32 @@
 """Database configuration and migrations: Tortoise 1.x built-in migrations, never
-generate_schemas on a real database."""
+generate_schemas on a real database.
+
+`DATABASE_ERRORS` is what "the database cannot answer" looks like to a caller. Tortoise only
+translates SQL-level asyncpg errors; connection-level ones escape raw: a server starting up or
+shutting down refuses with `CannotConnectNowError`/`AdminShutdownError` (asyncpg.PostgresError),
+a connection dropped mid-query raises `ConnectionDoesNotExistError` or `InterfaceError`
+("connection is closed"). Catching only BaseORMException/OSError turned a PostgreSQL restart into
+HTTP 500s and hung waiters (tests/test_faults.py).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from tortoise import Tortoise
+from tortoise.exceptions import BaseORMException
 from tortoise.migrations.api import migrate as run_migrations
 
 APP_LABEL = "keyplane"
+
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    BaseORMException,
+    OSError,  # includes ConnectionError (refused, reset) and TimeoutError
+    asyncpg.PostgresError,  # untranslated: CannotConnectNowError, AdminShutdownError, ...
+    asyncpg.InterfaceError,  # "connection is closed"
+)
 
 
 def tortoise_config(database_url: str) -> dict[str, Any]:

@@ -3,6 +3,12 @@
 Each process NOTIFYs the hashes a committed mutation changed and LISTENs on a dedicated asyncpg
 connection, dropping what others changed. While that connection is down notifications can be
 lost, so the cache is cleared on every (re)connect and bypassed until the listener is back.
+
+Fault handling (tests/test_faults.py): the reconnect loop survives every database failure
+(`app.db.DATABASE_ERRORS`; a probe on a connection PostgreSQL just closed raises
+asyncpg.InterfaceError, which used to end the task, leaving the cache bypassed for good and
+making `stop()` raise, so the lifespan never reached the usage flush); the liveness probe has a
+timeout; `stop()` never raises.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ import asyncpg
 from tortoise import connections
 
 from app.cache import KeyCache
+from app.db import DATABASE_ERRORS
 
 logger = logging.getLogger("keyplane.invalidation")
 
 CHANNEL = "keyplane_keys"
 MAX_PAYLOAD = 7900  # NOTIFY payloads must stay under 8000 bytes
+PROBE_TIMEOUT = 2.0  # seconds; a half-open connection must not stall the liveness probe
 
 
 def chunks(hashes: Sequence[str]) -> list[str]:
@@ -70,7 +78,7 @@ class Listener:
         while True:
             try:
                 conn = await asyncpg.connect(self.dsn, timeout=5)
-            except (TimeoutError, OSError, asyncpg.PostgresError):
+            except DATABASE_ERRORS:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
@@ -83,9 +91,9 @@ class Listener:
                 self._connected.set()
                 while not conn.is_closed():
                     await asyncio.sleep(0.25)
-                    with contextlib.suppress(asyncpg.PostgresError, OSError):
-                        await conn.execute("SELECT 1")
-            except (OSError, asyncpg.PostgresError):
+                    with contextlib.suppress(*DATABASE_ERRORS):
+                        await conn.execute("SELECT 1", timeout=PROBE_TIMEOUT)
+            except DATABASE_ERRORS:
                 pass
             finally:
                 self.cache.trusted = False
@@ -101,8 +109,13 @@ class Listener:
             await asyncio.wait_for(self._connected.wait(), wait)
 
     async def stop(self) -> None:
+        """Stop listening. Never raises: shutdown must go on to flush the usage buffers."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # the task died of something unforeseen; log it, shut down anyway
+                logger.exception("the LISTEN task had failed")
             self._task = None

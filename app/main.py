@@ -20,7 +20,7 @@ from app.db import tortoise_config
 from app.http.graphiql import ASSETS_PATH, graphiql_assets
 from app.http.graphql import GraphQLEndpoint, KeyplaneGraphQL
 from app.http.health import health
-from app.http.verify import verify_endpoint
+from app.http.verify import VerifyEndpoint
 from app.invalidation import Listener, Notifier
 from app.metrics import Metrics, metrics_endpoint
 from app.services import Services
@@ -51,6 +51,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         services.changes.subscribe(Notifier())
     activity = ActivityRecorder(settings, services.clock)
     usage = UsageRecorder(settings, services.clock)
+    metrics = Metrics()
+    verify = VerifyEndpoint(settings, key_cache, services.clock, activity, usage, metrics)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -84,7 +86,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     app = Starlette(
         routes=[
             Route("/graphql", graphql, methods=["GET", "POST"]),
-            Route("/v1/verify", verify_endpoint, methods=["GET", "POST"]),
+            Route("/v1/verify", verify, methods=["GET", "POST"]),
             Route("/governance/health", health, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Mount(ASSETS_PATH, app=graphiql_assets(), name="graphiql-assets"),
@@ -97,7 +99,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     app.state.key_cache = key_cache
     app.state.activity = activity
     app.state.usage = usage
-    app.state.metrics = Metrics()
+    app.state.metrics = metrics
     return app
 
 

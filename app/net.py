@@ -153,6 +153,34 @@ def resolve_client_ip(
     return parse_address(entries[0])
 
 
+class ClientIpResolver:
+    """`resolve_client_ip` with a bounded memo for the hot path: the same peer and the same
+    X-Forwarded-For always give the same answer, and a service sees few distinct ones. Returns
+    the address and its text (`unknown` when there is none)."""
+
+    MEMO_SIZE = 8192
+    MEMO_KEY_LIMIT = 512  # characters of X-Forwarded-For worth remembering
+
+    def __init__(self, trusted: Sequence[Network]) -> None:
+        self.trusted = tuple(trusted)
+        self._memo: dict[tuple[str | None, tuple[str, ...]], tuple[Address | None, str]] = {}
+
+    def resolve(
+        self, peer: str | None, forwarded_for: tuple[str, ...]
+    ) -> tuple[Address | None, str]:
+        key = (peer, forwarded_for)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        address = resolve_client_ip(peer, forwarded_for, self.trusted)
+        hit = (address, str(address) if address is not None else "unknown")
+        if sum(len(h) for h in forwarded_for) <= self.MEMO_KEY_LIMIT:
+            if len(self._memo) >= self.MEMO_SIZE:
+                self._memo.clear()
+            self._memo[key] = hit
+        return hit
+
+
 def normalise_origin(text: str) -> str:
     """Validate a web origin and return it canonical: `scheme://host[:port]`, lowercase,
     default ports dropped. Paths, queries, fragments, credentials and wildcards are refused."""

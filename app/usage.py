@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from tortoise.backends.base.client import BaseDBAsyncClient
-from tortoise.exceptions import BaseORMException
 from tortoise.expressions import F, Q
 from tortoise.transactions import in_transaction
 
 from app.clock import Clock
+from app.db import DATABASE_ERRORS
 from app.settings import Settings
 from app.tokens import parse_token
 from app.verifier import KeyRecord
@@ -47,6 +47,7 @@ logger = logging.getLogger("keyplane.usage")
 MAX_DENIAL_ROWS = 50_000  # pending denial rows kept in memory between flushes
 MAX_TRACKED_IPS = 100_000  # per-minute rate counters; beyond this every IP is over its rate
 MANY_IPS = "(many)"
+ONE_HOUR = timedelta(hours=1)
 PRUNE_EVERY_SECONDS = 600.0
 MESSAGE_LIMIT = 200
 ORIGIN_LIMIT = 300
@@ -110,6 +111,7 @@ class UsageRecorder:
         self.clock = clock
         self._buffers = _Buffers()
         self._minute: datetime | None = None
+        self._hour_start: datetime | None = None
         self._per_ip: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -180,9 +182,16 @@ class UsageRecorder:
         folded.count += 1
         folded.at = max(folded.at, now)
 
+    def _hour(self, now: datetime) -> datetime:
+        """`hour_of(now)`, remembered for the rest of the hour (the hot path asks every time)."""
+        start = self._hour_start
+        if start is None or not start <= now < start + ONE_HOUR:
+            start = self._hour_start = hour_of(now)
+        return start
+
     def _count(self, key: KeyRecord, now: datetime, valid: bool) -> None:
         buffers = self._buffers
-        hour = hour_of(now)
+        hour = self._hour(now)
         lifetime = buffers.keys.get(key.key_id)
         if lifetime is None:
             lifetime = buffers.keys[key.key_id] = _Counts(key.workspace_pk, key.environment_pk)
@@ -225,7 +234,7 @@ class UsageRecorder:
                 return True
             try:
                 await self._write(batch)
-            except (BaseORMException, OSError, ConnectionError) as exc:
+            except DATABASE_ERRORS as exc:
                 self.flush_failures += 1
                 logger.warning(
                     "usage flush failed (%s); keeping %d requests and %d denials for the next",
@@ -233,6 +242,11 @@ class UsageRecorder:
                     batch.requests(),
                     len(batch.denials) + len(batch.folded),
                 )
+                self._merge_back(batch)
+                return False
+            except Exception:  # a bug, not an outage: say so loudly, and still lose nothing
+                self.flush_failures += 1
+                logger.exception("usage flush crashed; keeping the batch for the next attempt")
                 self._merge_back(batch)
                 return False
             self.flushes += 1
@@ -436,7 +450,7 @@ class UsageRecorder:
             await self.flush()
             if time.monotonic() - self._last_prune >= PRUNE_EVERY_SECONDS:
                 self._last_prune = time.monotonic()
-                with contextlib.suppress(BaseORMException, OSError, ConnectionError):
+                with contextlib.suppress(*DATABASE_ERRORS):
                     await self.prune()
 
     async def start(self) -> None:

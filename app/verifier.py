@@ -149,6 +149,12 @@ def verify(facts: RequestFacts, record: KeyRecord | None, now: datetime) -> Deci
     early = precheck(facts)
     if early is not None:
         return early
+    return judge(facts, record, now)
+
+
+def judge(facts: RequestFacts, record: KeyRecord | None, now: datetime) -> Decision:
+    """Steps 3-10 for a token already known to pass steps 1-2 (prechecked, or found in the key
+    cache, which only ever holds hashes of well-formed tokens)."""
     if record is None:
         return _UNKNOWN
     if record.status == "DISABLED":

@@ -1,28 +1,58 @@
-"""`GET|POST /v1/verify`: a thin adapter that reads the request, asks the cache and the shared
-verifier, and writes the contract's response. No secret is ever echoed."""
+"""`GET|POST /v1/verify`: a thin adapter that reads the request, asks the key cache and the
+shared verifier (app.verifier), and writes the contract's response. No secret is ever echoed.
+
+This is the hot path, so it is a plain ASGI callable rather than a Starlette endpoint: it reads
+the few headers it needs in one pass over the raw list, and writes the response messages itself.
+The steps, whichever way the key arrives:
+
+1. token: `Authorization: Bearer`, else `X-API-Key`, else the JSON body's `key`;
+   permissions: the body's `permissions`, else `X-Required-Permissions`, else `?permissions=`;
+   client IP: CONTRACT §4 (app.net.resolve_client_ip, memoised); Origin: normalised or none.
+2. a fresh key-cache entry for the token's SHA-256 answers at once (the cache only ever holds
+   hashes of well-formed tokens, so a hit has passed the shape and checksum checks);
+3. otherwise the verifier's precheck refuses a missing or malformed token without any lookup,
+   and only then is the key loaded (one query; unknown tokens are cached briefly as unknown);
+4. the verifier decides; usage, activity and metrics are noted in memory (no I/O).
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from typing import Any
+from urllib.parse import parse_qsl
 
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
-from app.cache import KeyCache, Unavailable
-from app.net import normalise_origin, resolve_client_ip
+from app.activity import ActivityRecorder
+from app.cache import CacheEntry, KeyCache, Unavailable
+from app.clock import Clock
+from app.metrics import Metrics
+from app.net import ClientIpResolver, normalise_origin
 from app.settings import Settings
-from app.tokens import hash_secret
-from app.verifier import Decision, RequestFacts, decide_unavailable, precheck, verify
+from app.tokens import MAX_TOKEN_LENGTH, hash_secret
+from app.usage import UsageRecorder
+from app.verifier import (
+    Code,
+    Decision,
+    RequestFacts,
+    decide_malformed,
+    decide_unavailable,
+    judge,
+    precheck,
+)
+
+JSON_HEADERS = (b"content-type", b"application/json")
+MEMO_SIZE = 4096
 
 
-def _split(value: str) -> list[str]:
-    return [p.strip() for p in value.split(",") if p.strip()]
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip())
 
 
-def _body_json(raw: bytes, limit: int) -> dict[str, Any]:
-    if not raw or len(raw) > limit:
+def _body_json(raw: bytes) -> dict[str, Any]:
+    if not raw:
         return {}
     try:
         parsed = json.loads(raw)
@@ -31,39 +61,8 @@ def _body_json(raw: bytes, limit: int) -> dict[str, Any]:
     return parsed if isinstance(parsed, dict) else {}
 
 
-def _token(request: Request, body: dict[str, Any]) -> str | None:
-    authorization = request.headers.get("authorization")
-    if authorization and authorization[:7].lower() == "bearer ":
-        return authorization[7:].strip() or None
-    if api_key := request.headers.get("x-api-key"):
-        return api_key.strip() or None
-    key = body.get("key")
-    return key if isinstance(key, str) and key else None
-
-
-def _required(request: Request, body: dict[str, Any]) -> tuple[str, ...]:
-    permissions = body.get("permissions")
-    if isinstance(permissions, list):
-        return tuple(p for p in permissions if isinstance(p, str))
-    if header := request.headers.get("x-required-permissions"):
-        return tuple(_split(header))
-    if query := request.query_params.get("permissions"):
-        return tuple(_split(query))
-    return ()
-
-
-def _origin(request: Request) -> str | None:
-    origin = request.headers.get("origin")
-    if not origin:
-        return None
-    try:
-        return normalise_origin(origin)
-    except ValueError:
-        return None  # not a valid origin: never authorized
-
-
-def render(decision: Decision) -> Response:
-    """The contract's JSON body and HTTP status for a decision."""
+def body_of(decision: Decision) -> bytes:
+    """The contract's JSON body for a decision."""
     body: dict[str, Any] = {
         "valid": decision.valid,
         "code": decision.code.value,
@@ -80,53 +79,168 @@ def render(decision: Decision) -> Response:
             expiresAt=record.expires_at.isoformat() if record.expires_at else None,
             graceEndsAt=record.grace_ends_at.isoformat() if record.grace_ends_at else None,
         )
-    return Response(
-        json.dumps(body, separators=(",", ":")),
-        status_code=decision.http_status,
-        media_type="application/json",
-    )
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
-async def verify_endpoint(request: Request) -> Response:
-    """Verify the key in the request; same checks, same order, whichever way it arrives."""
-    started = time.perf_counter()
-    state = request.app.state
-    settings: Settings = state.settings
-    cache: KeyCache = state.key_cache
-    raw = await request.body() if request.method == "POST" else b""
-    body = _body_json(raw, settings.max_body_bytes)
-    client = request.client
-    client_ip = resolve_client_ip(
-        client.host if client else None,
-        request.headers.getlist("x-forwarded-for"),
-        settings.trusted_proxies,
-    )
-    facts = RequestFacts(
-        token=_token(request, body),
-        client_ip=client_ip,
-        origin=_origin(request),
-        required=_required(request, body),
-    )
-    now = state.services.clock.now()
-    decision = precheck(facts)
-    if decision is None:
-        assert facts.token is not None
+class VerifyEndpoint:
+    """The ASGI app behind `/v1/verify`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        cache: KeyCache,
+        clock: Clock,
+        activity: ActivityRecorder,
+        usage: UsageRecorder,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.cache = cache
+        self.clock = clock
+        self.activity = activity
+        self.usage = usage
+        self.metrics = metrics
+        self.client_ips = ClientIpResolver(settings.trusted_proxies)
+        # Rendered refusals by code and message (a VALID body is kept on its cache entry).
+        self._refusal_bodies: dict[tuple[Code, str], bytes] = {}
+        self._origins: dict[str, str | None] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        authorization = api_key = permissions_header = origin_header = None
+        forwarded: list[str] = []
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+            elif name == b"x-api-key":
+                api_key = value.decode("latin-1")
+            elif name == b"x-forwarded-for":
+                forwarded.append(value.decode("latin-1"))
+            elif name == b"x-required-permissions":
+                permissions_header = value.decode("latin-1")
+            elif name == b"origin":
+                origin_header = value.decode("latin-1")
+        body = await self._read_body(receive) if scope["method"] == "POST" else {}
+
+        token: str | None = None
+        if authorization and authorization[:7].lower() == "bearer ":
+            token = authorization[7:].strip() or None
+        elif api_key:
+            token = api_key.strip() or None
+        elif isinstance(key := body.get("key"), str) and key:
+            token = key
+
+        required: tuple[str, ...] = ()
+        if isinstance(listed := body.get("permissions"), list):
+            required = tuple(p for p in listed if isinstance(p, str))
+        elif permissions_header:
+            required = _split(permissions_header)
+        elif scope["query_string"]:
+            for name, value in parse_qsl(scope["query_string"].decode("latin-1")):
+                if name == "permissions":
+                    required = _split(value)  # the last one wins, as in Starlette
+
+        client = scope.get("client")
+        address, ip_text = self.client_ips.resolve(client[0] if client else None, tuple(forwarded))
+        facts = RequestFacts(
+            token=token,
+            client_ip=address,
+            origin=self._origin(origin_header) if origin_header else None,
+            required=required,
+        )
+        now = self.clock.now()
+        decision, entry = await self._decide(facts, now)
+
+        record = decision.record
+        if record is not None:
+            self.activity.observe_address(
+                now=now, key=record, address=address, text=ip_text, required=facts.required
+            )
+        self.usage.record(
+            now=now,
+            code=decision.code.value,
+            key=record,
+            ip=ip_text,
+            origin=facts.origin,
+            message=decision.message,
+            token=token,
+        )
+        payload = self._render(decision, entry)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": decision.http_status,
+                "headers": [JSON_HEADERS, (b"content-length", str(len(payload)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+        self.metrics.observe_verification(decision.code.value, time.perf_counter() - started)
+
+    async def _decide(
+        self, facts: RequestFacts, now: datetime
+    ) -> tuple[Decision, CacheEntry | None]:
+        """The decision, and the cache entry it came from when it was answered from memory."""
+        token = facts.token
+        if token is None:
+            return precheck(facts) or decide_malformed(), None
+        if len(token) > MAX_TOKEN_LENGTH:
+            return decide_malformed(), None
+        secret_hash = hash_secret(token)
+        entry = self.cache.fresh(secret_hash)
+        if entry is not None:
+            return judge(facts, entry.record, now), entry
+        early = precheck(facts)
+        if early is not None:
+            return early, None
         try:
-            record = await cache.get(hash_secret(facts.token))
+            record = await self.cache.get(secret_hash)
         except Unavailable:
-            decision = decide_unavailable()
-        else:
-            decision = verify(facts, record, now)
-    ip_text = str(client_ip) if client_ip else "unknown"
-    state.activity.observe(now=now, key=decision.record, ip=ip_text, required=facts.required)
-    state.usage.record(
-        now=now,
-        code=decision.code.value,
-        key=decision.record,
-        ip=ip_text,
-        origin=facts.origin,
-        message=decision.message,
-        token=facts.token,
-    )
-    state.metrics.observe_verification(decision.code.value, time.perf_counter() - started)
-    return render(decision)
+            return decide_unavailable(), None
+        return judge(facts, record, now), None
+
+    async def _read_body(self, receive: Receive) -> dict[str, Any]:
+        """The JSON body as a dict; an empty, oversized or unparseable body counts as none."""
+        limit = self.settings.max_body_bytes
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return {}  # the client went away
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            more = message.get("more_body", False)
+        return _body_json(b"".join(chunks)) if size <= limit else {}
+
+    def _origin(self, value: str) -> str | None:
+        known = self._origins.get(value, False)
+        if known is not False:
+            return known  # type: ignore[return-value]
+        try:
+            origin: str | None = normalise_origin(value)
+        except ValueError:
+            origin = None  # not a valid origin: never authorized
+        if len(value) <= 300:
+            if len(self._origins) >= MEMO_SIZE:
+                self._origins.clear()
+            self._origins[value] = origin
+        return origin
+
+    def _render(self, decision: Decision, entry: CacheEntry | None) -> bytes:
+        if decision.valid:
+            if entry is None:
+                return body_of(decision)
+            if entry.body is None:  # a VALID body depends only on the record: keep it
+                entry.body = body_of(decision)
+            return entry.body
+        marker = (decision.code, decision.message)
+        payload = self._refusal_bodies.get(marker)
+        if payload is None:
+            payload = body_of(decision)
+            if len(self._refusal_bodies) >= MEMO_SIZE:
+                self._refusal_bodies.clear()
+            self._refusal_bodies[marker] = payload
+        return payload

@@ -1,0 +1,115 @@
+"""Edge cases of the `/v1/verify` adapter's own request reading (it reads raw ASGI messages)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+
+from tests.support import WorkspaceHandle
+
+
+async def test_an_oversized_body_counts_as_no_body(app: Starlette, ws: WorkspaceHandle) -> None:
+    _, secret = await ws.create_key(permissions=["a"])
+    limit = app.state.settings.max_body_bytes
+    padded = json.dumps({"key": secret, "pad": "x" * limit})
+    response = await ws.client.post("/v1/verify", content=padded)
+    assert response.json()["code"] == "MISSING_KEY"  # the body was not read for a key
+    # The same key in a header with an oversized body asking for a permission it lacks: the
+    # body's permissions are ignored, so the key is VALID.
+    response = await ws.client.post(
+        "/v1/verify",
+        headers={"X-API-Key": secret},
+        content=json.dumps({"permissions": ["zzz"], "pad": "x" * limit}),
+    )
+    assert response.json()["code"] == "VALID"
+
+
+async def test_a_body_sent_in_chunks_is_read_whole(ws: WorkspaceHandle) -> None:
+    _, secret = await ws.create_key(permissions=["a"])
+    payload = json.dumps({"key": secret, "permissions": ["b"]}).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(payload), 7):
+            yield payload[i : i + 7]
+
+    response = await ws.client.post("/v1/verify", content=chunks())
+    assert response.status_code == 403
+    assert response.json()["code"] == "INSUFFICIENT_PERMISSIONS"
+
+
+async def test_an_overlong_token_is_refused_without_a_lookup(
+    app: Starlette, ws: WorkspaceHandle
+) -> None:
+    _, secret = await ws.create_key()
+    misses = app.state.key_cache.misses
+    response = await ws.client.get("/v1/verify", headers={"X-API-Key": secret + "A" * 5000})
+    assert (response.status_code, response.json()["code"]) == (401, "INVALID_KEY")
+    assert app.state.key_cache.misses == misses
+
+
+async def test_query_permissions_and_headers_agree(ws: WorkspaceHandle) -> None:
+    _, secret = await ws.create_key(permissions=["pdf.read"])
+    ok = await ws.client.get("/v1/verify?permissions=pdf.read", headers={"X-API-Key": secret})
+    assert ok.json()["code"] == "VALID"
+    refused = await ws.client.get(
+        "/v1/verify?other=1&permissions=pdf.read,pdf.write", headers={"X-API-Key": secret}
+    )
+    assert refused.json()["code"] == "INSUFFICIENT_PERMISSIONS"
+    assert "pdf.write" in refused.json()["message"]
+    # The header wins over the query string.
+    both = await ws.client.get(
+        "/v1/verify?permissions=pdf.write",
+        headers={"X-API-Key": secret, "X-Required-Permissions": "pdf.read"},
+    )
+    assert both.json()["code"] == "VALID"
+
+
+async def test_answers_are_json_with_a_length_and_other_methods_are_refused(
+    ws: WorkspaceHandle,
+) -> None:
+    _, secret = await ws.create_key()
+    response = await ws.client.get("/v1/verify", headers={"Authorization": f"bearer {secret}"})
+    assert response.headers["content-type"] == "application/json"
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert response.json()["valid"] is True
+    again = await ws.client.get("/v1/verify", headers={"Authorization": f"Bearer {secret}"})
+    assert again.content == response.content  # the kept body is the same answer
+    assert (await ws.client.put("/v1/verify")).status_code == 405
+    assert (await ws.client.delete("/v1/verify")).status_code == 405
+    head = await ws.client.head("/v1/verify", headers={"X-API-Key": secret})
+    assert head.status_code == 200
+
+
+async def test_a_client_that_disconnects_mid_body_gets_no_crash(
+    app: Starlette, ws: WorkspaceHandle
+) -> None:
+    """The adapter stops reading when the client goes away, and answers as if no body came."""
+    sent: list[dict[str, object]] = []
+    messages = iter([{"type": "http.disconnect"}])
+
+    async def receive() -> dict[str, object]:
+        return next(messages)
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/verify",
+        "raw_path": b"/v1/verify",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"kp.test")],
+        "client": ("198.18.220.1", 1),
+        "server": ("127.0.0.1", 80),
+        "app": app,
+    }
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 401
+    assert json.loads(sent[1]["body"])["code"] == "MISSING_KEY"  # type: ignore[arg-type]
