@@ -3,9 +3,15 @@
 A fill is one query by the unique `api_keys.secret_hash` index (joined with environment, role and
 workspace). Unknown tokens are cached briefly as negatives so a flood of bad tokens cannot hammer
 the database. Every management change reports the affected hashes through the ChangeFeed, and
-the entries are dropped before the mutation returns; entries also expire after
-`cache_refresh_seconds` as a safety net. When the database cannot be reached, an entry filled
-less than `max_staleness_seconds` ago is still served; otherwise the caller gets Unavailable.
+the entries are dropped before the mutation returns (other processes hear it through
+app.invalidation).
+
+Safety net: every `cache_refresh_seconds` a background task re-reads every cached key in bulk
+(1,000 per query, a handful of columns, no ORM objects), replaces the records that changed and
+drops the keys that are gone; a positive entry stays fresh for two refresh periods after it was
+last confirmed, so a hot key is never reloaded on the request path and a lost notification
+lives at most one refresh period. When the database cannot be reached, an entry confirmed less
+than `max_staleness_seconds` ago is still served; otherwise the caller gets Unavailable.
 
 Fault handling (tests/test_faults.py): every way the database can fail (`app.db.DATABASE_ERRORS`,
 including asyncpg's untranslated connection errors during a PostgreSQL restart) means
@@ -17,16 +23,40 @@ always resolved, so concurrent waiters for the same key never hang when the load
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from app.db import DATABASE_ERRORS
 from app.net import compile_allowlist
 from app.settings import Settings
 from app.verifier import KeyRecord
 from models import ApiKey, KeyKind
+
+logger = logging.getLogger("keyplane.cache")
+
+REFRESH_CHUNK = 1000
+# The columns a KeyRecord is built from (one joined query, values only: no ORM objects).
+RECORD_FIELDS = (
+    "secret_hash",
+    "public_id",
+    "type",
+    "workspace_id",
+    "workspace__public_id",
+    "environment_id",
+    "environment__public_id",
+    "status",
+    "permissions",
+    "role__permissions",
+    "allowed_ips",
+    "environment__authorized_origins",
+    "expires_at",
+    "grace_ends_at",
+)
 
 
 class Unavailable(Exception):
@@ -65,6 +95,37 @@ def record_from_model(key: ApiKey) -> KeyRecord:
     )
 
 
+def record_from_values(row: dict[str, Any]) -> KeyRecord:
+    """The verification view of a key from a `RECORD_FIELDS` row."""
+    permissions = set(row["permissions"])
+    if row["role__permissions"]:
+        permissions.update(row["role__permissions"])
+    client_side = row["type"] == KeyKind.CLIENT_SIDE
+    return KeyRecord(
+        key_id=row["public_id"],
+        key_type=KeyKind(row["type"]).value,
+        workspace_pk=row["workspace_id"],
+        workspace_id=row["workspace__public_id"],
+        environment_pk=row["environment_id"],
+        environment_id=row["environment__public_id"],
+        status=row["status"].value if hasattr(row["status"], "value") else str(row["status"]),
+        permissions=frozenset(permissions),
+        permission_list=tuple(sorted(permissions)),
+        allowed_networks=compile_allowlist(row["allowed_ips"]),
+        authorized_origins=frozenset(row["environment__authorized_origins"] or ())
+        if client_side
+        else frozenset(),
+        expires_at=row["expires_at"],
+        grace_ends_at=row["grace_ends_at"],
+    )
+
+
+async def load_records(secret_hashes: Sequence[str]) -> dict[str, KeyRecord]:
+    """The records of those hashes that name a key (one query)."""
+    rows = await ApiKey.filter(secret_hash__in=list(secret_hashes)).values(*RECORD_FIELDS)
+    return {row["secret_hash"]: record_from_values(row) for row in rows}
+
+
 class KeyCache:
     """Bounded, invalidated cache of key records; also a ChangeFeed listener."""
 
@@ -75,6 +136,7 @@ class KeyCache:
         self._generation = 0  # bumped by every invalidation: a racing fill is not stored
         self.hits = 0
         self.misses = 0
+        self._refresher: asyncio.Task[None] | None = None
         # False while cross-process notifications may be missed (PostgreSQL listener down):
         # cached entries are then not served, every verification reads the database.
         self.trusted = True
@@ -152,7 +214,7 @@ class KeyCache:
 
     def _store(self, secret_hash: str, record: KeyRecord | None, now: float) -> None:
         ttl = (
-            self.settings.cache_refresh_seconds
+            2 * self.settings.cache_refresh_seconds
             if record is not None
             else self.settings.negative_cache_seconds
         )
@@ -162,7 +224,58 @@ class KeyCache:
             self._entries.popitem(last=False)
 
     async def _load(self, secret_hash: str) -> KeyRecord | None:
-        key = await ApiKey.get_or_none(secret_hash=secret_hash).select_related(
-            "environment", "workspace", "role"
-        )
-        return record_from_model(key) if key is not None else None
+        return (await load_records([secret_hash])).get(secret_hash)
+
+    async def refresh(self) -> tuple[int, int]:
+        """Re-read every cached key in bulk: replace changed records, drop deleted keys, and
+        confirm the rest for another two refresh periods. Returns (checked, changed or gone).
+        An entry invalidated or refilled while its chunk was being read is left alone."""
+        hashes = [h for h, entry in self._entries.items() if entry.record is not None]
+        checked = changed = 0
+        ttl = 2 * self.settings.cache_refresh_seconds
+        for start in range(0, len(hashes), REFRESH_CHUNK):
+            chunk = hashes[start : start + REFRESH_CHUNK]
+            before = {h: self._entries.get(h) for h in chunk}
+            records = await load_records(chunk)
+            now = time.monotonic()
+            for secret_hash, old in before.items():
+                if old is None or self._entries.get(secret_hash) is not old:
+                    continue
+                checked += 1
+                record = records.get(secret_hash)
+                if record is None:
+                    self._generation += 1
+                    del self._entries[secret_hash]
+                    changed += 1
+                elif record == old.record:
+                    old.fresh_until = now + ttl
+                    old.filled_at = now
+                else:
+                    self._generation += 1
+                    self._entries[secret_hash] = CacheEntry(record, now + ttl, now)
+                    changed += 1
+            await asyncio.sleep(0)  # let requests through between chunks
+        return checked, changed
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.cache_refresh_seconds)
+            try:
+                checked, changed = await self.refresh()
+            except DATABASE_ERRORS as exc:
+                logger.warning("key cache refresh failed (%s)", type(exc).__name__)
+            else:
+                if changed:
+                    logger.info("key cache refresh: %d of %d keys changed", changed, checked)
+
+    async def start(self) -> None:
+        """Run the safety-net refresh in the background."""
+        if self._refresher is None:
+            self._refresher = asyncio.create_task(self._refresh_loop())
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None

@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         async with RegisterTortoise(app, config=tortoise_config(settings.database_url)):
             await activity.start()
             await usage.start()
+            await key_cache.start()
             listener = None
             if settings.is_postgres:
                 listener = Listener(settings.database_url, key_cache)
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             finally:
                 if listener is not None:
                     await listener.stop()
+                await key_cache.stop()
                 await usage.stop()
                 await activity.stop()
 

@@ -1,0 +1,71 @@
+"""The key cache's safety net: a periodic bulk re-read of every cached key catches a change
+whose notification was lost, without reloading hot keys on the request path."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.applications import Starlette
+
+from app.cache import KeyCache, record_from_model
+from app.settings import Settings
+from app.tokens import hash_secret
+from models import ApiKey, KeyStatus
+from tests.support import WorkspaceHandle
+
+
+async def code(ws: WorkspaceHandle, secret: str) -> str:
+    response = await ws.client.get("/v1/verify", headers={"X-API-Key": secret})
+    result: str = response.json()["code"]
+    return result
+
+
+async def test_refresh_catches_changes_that_bypassed_the_change_feed(
+    app: Starlette, ws: WorkspaceHandle
+) -> None:
+    cache: KeyCache = app.state.key_cache
+    disabled_id, disabled = await ws.create_key()
+    gone_id, gone = await ws.create_key()
+    _, same = await ws.create_key(permissions=["a"])
+    for secret in (disabled, gone, same):
+        assert await code(ws, secret) == "VALID"
+    kept = cache.fresh(hash_secret(same))
+    assert kept is not None
+    # Written behind the service layer's back: no notification reaches the cache.
+    await ApiKey.filter(public_id=disabled_id).update(status=KeyStatus.DISABLED)
+    await ApiKey.filter(public_id=gone_id).delete()
+    assert await code(ws, disabled) == "VALID"  # still the cached answer
+    assert await code(ws, gone) == "VALID"
+
+    misses = cache.misses
+    checked, changed = await cache.refresh()
+    assert checked >= 3 and changed >= 2
+    assert await code(ws, disabled) == "DISABLED"
+    assert await code(ws, gone) == "INVALID_KEY"
+    # The unchanged key kept its entry (and its rendered answer): confirmed, not reloaded.
+    assert cache.fresh(hash_secret(same)) is kept
+    assert await code(ws, same) == "VALID"
+    assert cache.misses == misses + 1  # only the deleted key was looked up again
+
+
+async def test_the_refresh_runs_by_itself(app: Starlette, ws: WorkspaceHandle) -> None:
+    key_id, secret = await ws.create_key()
+    cache = KeyCache(
+        Settings(database_url=app.state.settings.database_url, cache_refresh_seconds=0.1)
+    )
+    record = await cache.get(hash_secret(secret))
+    assert record is not None and record.status == "ENABLED"
+    key = await ApiKey.get(public_id=key_id).select_related("environment", "workspace", "role")
+    assert record == record_from_model(key)  # both ways of reading a key agree
+    await ApiKey.filter(public_id=key_id).update(status=KeyStatus.DISABLED)
+    await cache.start()
+    try:
+        for _ in range(50):
+            entry = cache.fresh(hash_secret(secret))
+            if entry is not None and entry.record is not None and entry.record.status == "DISABLED":
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the background refresh did not pick up the change")
+    finally:
+        await cache.stop()
