@@ -58,12 +58,29 @@ async def test_query_permissions_and_headers_agree(ws: WorkspaceHandle) -> None:
     )
     assert refused.json()["code"] == "INSUFFICIENT_PERMISSIONS"
     assert "pdf.write" in refused.json()["message"]
-    # The header wins over the query string.
+    # Sources add up: a caller's header cannot replace what a gateway put in the query.
     both = await ws.client.get(
         "/v1/verify?permissions=pdf.write",
         headers={"X-API-Key": secret, "X-Required-Permissions": "pdf.read"},
     )
-    assert both.json()["code"] == "VALID"
+    assert both.json()["code"] == "INSUFFICIENT_PERMISSIONS"
+    empty = await ws.client.get(
+        "/v1/verify?permissions=pdf.write",
+        headers={"X-API-Key": secret, "X-Required-Permissions": ","},
+    )
+    assert empty.json()["code"] == "INSUFFICIENT_PERMISSIONS"
+    body = await ws.client.post(
+        "/v1/verify?permissions=pdf.write",
+        headers={"X-API-Key": secret},
+        json={"permissions": ["pdf.read"]},
+    )
+    assert body.json()["code"] == "INSUFFICIENT_PERMISSIONS"
+    agreed = await ws.client.post(
+        "/v1/verify?permissions=pdf.read",
+        headers={"X-API-Key": secret, "X-Required-Permissions": "pdf.read"},
+        json={"permissions": ["pdf.read"]},
+    )
+    assert agreed.json()["code"] == "VALID"
 
 
 async def test_answers_are_json_with_a_length_and_other_methods_are_refused(

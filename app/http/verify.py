@@ -6,7 +6,8 @@ the few headers it needs in one pass over the raw list, and writes the response 
 The steps, whichever way the key arrives:
 
 1. token: `Authorization: Bearer`, else `X-API-Key`, else the JSON body's `key`;
-   permissions: the body's `permissions`, else `X-Required-Permissions`, else `?permissions=`;
+   permissions: all of the body's `permissions`, `X-Required-Permissions` and `?permissions=`
+   (each alone is the contract's case; together, every one listed must be held);
    client IP: CONTRACT §4 (app.net.resolve_client_ip, memoised); Origin: normalised or none.
 2. a fresh key-cache entry for the token's SHA-256 answers at once (the cache only ever holds
    hashes of well-formed tokens, so a hit has passed the shape and checksum checks);
@@ -130,15 +131,19 @@ class VerifyEndpoint:
         elif isinstance(key := body.get("key"), str) and key:
             token = key
 
+        # Every source counts: a caller can add requirements but never replace a gateway's
+        # (a gateway that puts them in the query string cannot be overridden by a header).
         required: tuple[str, ...] = ()
         if isinstance(listed := body.get("permissions"), list):
             required = tuple(p for p in listed if isinstance(p, str))
-        elif permissions_header:
-            required = _split(permissions_header)
-        elif scope["query_string"]:
+        if permissions_header:
+            required += _split(permissions_header)
+        if scope["query_string"]:
             for name, value in parse_qsl(scope["query_string"].decode("latin-1")):
                 if name == "permissions":
-                    required = _split(value)  # the last one wins, as in Starlette
+                    required += _split(value)
+        if len(required) > 1:
+            required = tuple(dict.fromkeys(required))
 
         client = scope.get("client")
         address, ip_text = self.client_ips.resolve(client[0] if client else None, tuple(forwarded))
