@@ -25,6 +25,8 @@ logger = logging.getLogger("keyplane.activity")
 
 MAX_BUFFERED = 50_000
 MAX_ANOMALIES_PER_KEY_PER_FLUSH = 20
+MAX_REMEMBERED = 200_000  # written (key, IP) and (key, permission) pairs kept in memory
+LAST_SEEN_PRECISION = timedelta(hours=1)  # NEW_IP works in days: last_seen needs no more
 
 
 @dataclass
@@ -50,8 +52,17 @@ class ActivityRecorder:
         self.clock = clock
         self._ips: dict[tuple[str, str], _Seen] = {}
         self._permissions: dict[tuple[str, str], _Asked] = {}
+        # What the database already knows, so a hot key costs no write per flush: the (key, IP)
+        # pairs with the last_seen stored for them, and the permissions each key has used.
+        self._stored_ips: dict[tuple[str, str], datetime] = {}
+        self._stored_permissions: set[tuple[str, str]] = set()
         self.dropped = 0
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        """Observations buffered and not yet written."""
+        return len(self._ips) + len(self._permissions)
 
     def observe(
         self, *, now: datetime, key: KeyRecord | None, ip: str, required: Sequence[str]
@@ -79,8 +90,11 @@ class ActivityRecorder:
         """`observe` for a caller that already holds the parsed client address and its text."""
         # An IP on the key's own allowlist is expected, never news.
         allowlisted = bool(key.allowed_networks) and ip_allowed(address, key.allowed_networks)
-        if address is not None and not allowlisted:
-            marker_ip = (key.key_id, text)
+        marker_ip = (key.key_id, text)
+        stored = self._stored_ips.get(marker_ip)
+        if stored is not None and now - stored < LAST_SEEN_PRECISION:
+            pass  # seen within the hour and written: nothing to learn or to write
+        elif address is not None and not allowlisted:
             seen = self._ips.get(marker_ip)
             if seen is not None:
                 seen.last = now
@@ -90,7 +104,7 @@ class ActivityRecorder:
                 self.dropped += 1
         for permission in required:
             marker = (key.key_id, permission)
-            if marker in self._permissions:
+            if marker in self._permissions or marker in self._stored_permissions:
                 continue
             if len(self._permissions) >= MAX_BUFFERED:
                 self.dropped += 1
@@ -137,6 +151,10 @@ class ActivityRecorder:
                 )
             per_key[record.key_id] = count + 1
 
+        stored_ips: dict[tuple[str, str], datetime] = {}
+        stored_permissions: set[tuple[str, str]] = set()
+        new_ips: list[KeyIp] = []
+        new_permissions: list[KeyPermissionUse] = []
         async with in_transaction():
             key_ids = sorted({key_id for key_id, _ in ips})
             known: dict[tuple[str, str], KeyIp] = {}
@@ -158,9 +176,10 @@ class ActivityRecorder:
                             f"first request from {ip} in {self.settings.new_ip_days} days",
                         )
                     keys_with_history.add(key_id)
-                    await KeyIp.create(
-                        key_id=key_id, ip=ip, first_seen=seen.first, last_seen=seen.last
+                    new_ips.append(
+                        KeyIp(key_id=key_id, ip=ip, first_seen=seen.first, last_seen=seen.last)
                     )
+                    stored_ips[(key_id, ip)] = seen.last
                 else:
                     if row.last_seen < seen.first - window:
                         add(
@@ -170,7 +189,9 @@ class ActivityRecorder:
                             f"first request from {ip} in {self.settings.new_ip_days} days "
                             f"(last seen {row.last_seen:%Y-%m-%d})",
                         )
-                    await KeyIp.filter(id=row.id).update(last_seen=max(row.last_seen, seen.last))
+                    if seen.last - row.last_seen >= LAST_SEEN_PRECISION:
+                        await KeyIp.filter(id=row.id).update(last_seen=seen.last)
+                    stored_ips[(key_id, ip)] = max(row.last_seen, seen.last)
             perm_keys = sorted({key_id for key_id, _ in permissions})
             used: set[tuple[str, str]] = set()
             if perm_keys:
@@ -179,6 +200,7 @@ class ActivityRecorder:
                     for use in await KeyPermissionUse.filter(key_id__in=perm_keys)
                 }
             for (key_id, permission), asked in permissions.items():
+                stored_permissions.add((key_id, permission))
                 if (key_id, permission) in used:
                     continue
                 if asked.held:
@@ -186,11 +208,24 @@ class ActivityRecorder:
                 else:
                     detail = f"asked for permission {permission}, which it does not hold"
                 add(asked.record, "UNUSED_PERMISSION", asked.first, detail)
-                await KeyPermissionUse.create(
-                    key_id=key_id, permission=permission[:128], first_used=asked.first
+                new_permissions.append(
+                    KeyPermissionUse(
+                        key_id=key_id, permission=permission[:128], first_used=asked.first
+                    )
                 )
+            if new_ips:
+                await KeyIp.bulk_create(new_ips, batch_size=1000)
+            if new_permissions:
+                await KeyPermissionUse.bulk_create(new_permissions, batch_size=1000)
             if anomalies:
                 await Anomaly.bulk_create(anomalies)
+        # Committed: remember what the database now knows (bounded; forgetting costs a read).
+        if len(self._stored_ips) + len(stored_ips) > MAX_REMEMBERED:
+            self._stored_ips.clear()
+        self._stored_ips.update(stored_ips)
+        if len(self._stored_permissions) + len(stored_permissions) > MAX_REMEMBERED:
+            self._stored_permissions.clear()
+        self._stored_permissions |= stored_permissions
         return len(anomalies)
 
     async def _loop(self) -> None:

@@ -5,6 +5,7 @@ explicitly so each step's effect is exact."""
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC
@@ -139,3 +140,37 @@ async def test_unused_permission_through_verify(app: Starlette, ws: WorkspaceHan
         "asked for permission billing.write, which it does not hold",
         "first use of permission pdf.read",
     ]
+
+
+async def test_a_hot_key_costs_the_activity_recorder_no_write(
+    app: Starlette, ws: WorkspaceHandle
+) -> None:
+    """Once a (key, IP) pair and a permission are stored, seeing them again within the hour is
+    not even buffered: the recorder's flush has nothing to write."""
+    _, secret = await ws.create_key(permissions=["pdf.read"])
+    assert await verify(ws.client, secret, "pdf.read") == "VALID"
+    await app.state.activity.flush()
+    for _ in range(20):
+        assert await verify(ws.client, secret, "pdf.read") == "VALID"
+        assert app.state.activity.pending == 0  # not even buffered
+    statements = StatementCount()
+    logger = logging.getLogger("tortoise.db_client")
+    previous = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.filters.insert(0, statements)
+    try:
+        assert await app.state.activity.flush() == 0
+    finally:
+        logger.removeFilter(statements)
+        logger.setLevel(previous)
+    assert statements.count == 0
+
+
+class StatementCount(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.count += 1
+        return True
