@@ -58,6 +58,7 @@ class ActivityRecorder:
         self._stored_permissions: set[tuple[str, str]] = set()
         self.dropped = 0
         self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
 
     @property
     def pending(self) -> int:
@@ -115,6 +116,10 @@ class ActivityRecorder:
     async def flush(self) -> int:
         """Write buffered observations; returns the number of anomalies detected. On a database
         error the observations go back into the buffer for the next attempt."""
+        async with self._lock:
+            return await self._flush()
+
+    async def _flush(self) -> int:
         ips, self._ips = self._ips, {}
         permissions, self._permissions = self._permissions, {}
         if not ips and not permissions:
@@ -239,9 +244,10 @@ class ActivityRecorder:
             self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        """Stop the loop and write what is left."""
+        """Stop the loop and write what is left (a flush in progress finishes first)."""
         if self._task is not None:
-            self._task.cancel()
+            async with self._lock:
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None

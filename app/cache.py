@@ -17,7 +17,11 @@ Fault handling (tests/test_faults.py): every way the database can fail (`app.db.
 including asyncpg's untranslated connection errors during a PostgreSQL restart) means
 Unavailable, never an HTTP 500; the staleness is measured when the lookup fails, not when it
 started (a slow failing connect must not stretch the bound); and the shared in-flight lookup is
-always resolved, so concurrent waiters for the same key never hang when the loader dies.
+always resolved, so concurrent waiters for the same key never hang when the loader dies. A
+frozen database (SIGSTOP, a network blackhole) refuses nothing and answers nothing: a lookup is
+waited for at most LOOKUP_TIMEOUT_SECONDS, then treated as a database error (stale entry or
+Unavailable). The query is not cancelled (cancelling an asyncpg query waits on the frozen server
+too); it lands in the background, at most MAX_STUCK_LOOKUPS of them at a time.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from models import ApiKey, KeyKind
 logger = logging.getLogger("keyplane.cache")
 
 REFRESH_CHUNK = 1000
+LOOKUP_TIMEOUT_SECONDS = 2.0  # a request-path lookup; a healthy one takes milliseconds
+MAX_STUCK_LOOKUPS = 1000  # timed-out lookups still running; beyond this, fail at once
 # The columns a KeyRecord is built from (one joined query, values only: no ORM objects).
 RECORD_FIELDS = (
     "secret_hash",
@@ -137,6 +143,7 @@ class KeyCache:
         self.hits = 0
         self.misses = 0
         self._refresher: asyncio.Task[None] | None = None
+        self._stuck: set[asyncio.Task[KeyRecord | None]] = set()  # timed out, still running
         # False while cross-process notifications may be missed (PostgreSQL listener down):
         # cached entries are then not served, every verification reads the database.
         self.trusted = True
@@ -186,7 +193,7 @@ class KeyCache:
         self._inflight[secret_hash] = future
         generation = self._generation
         try:
-            record = await self._load(secret_hash)
+            record = await self._bounded_load(secret_hash)
         except DATABASE_ERRORS as exc:
             stale_ok = (
                 entry is not None
@@ -222,6 +229,24 @@ class KeyCache:
         self._entries.move_to_end(secret_hash)
         while len(self._entries) > self.settings.cache_size:
             self._entries.popitem(last=False)
+
+    async def _bounded_load(self, secret_hash: str) -> KeyRecord | None:
+        """`_load`, waited for at most LOOKUP_TIMEOUT_SECONDS; raises TimeoutError (an OSError,
+        so one of DATABASE_ERRORS) when the database does not answer in time."""
+        if len(self._stuck) >= MAX_STUCK_LOOKUPS:
+            raise TimeoutError("too many database lookups outstanding")
+        task = asyncio.create_task(self._load(secret_hash))
+        task.add_done_callback(self._landed)
+        done, _ = await asyncio.wait({task}, timeout=LOOKUP_TIMEOUT_SECONDS)
+        if not done:
+            self._stuck.add(task)
+            raise TimeoutError("database lookup timed out")
+        return task.result()
+
+    def _landed(self, task: asyncio.Task[KeyRecord | None]) -> None:
+        self._stuck.discard(task)
+        if not task.cancelled():
+            task.exception()  # read: a late failure nobody waits for must not be logged as lost
 
     async def _load(self, secret_hash: str) -> KeyRecord | None:
         return (await load_records([secret_hash])).get(secret_hash)

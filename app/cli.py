@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 from tortoise import Tortoise
 
@@ -123,6 +125,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    # uvicorn re-raises the SIGTERM it handled once the graceful shutdown (which flushes the
+    # usage buffers) is done; exit 0 then, as a clean stop should.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         "app.main:app_from_env",
         factory=True,
@@ -137,6 +142,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=10,
     )
     return 0
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def cmd_export_schema(args: argparse.Namespace) -> int:

@@ -8,7 +8,8 @@ Fault handling (tests/test_faults.py): the reconnect loop survives every databas
 (`app.db.DATABASE_ERRORS`; a probe on a connection PostgreSQL just closed raises
 asyncpg.InterfaceError, which used to end the task, leaving the cache bypassed for good and
 making `stop()` raise, so the lifespan never reached the usage flush); the liveness probe has a
-timeout; `stop()` never raises.
+timeout, and a failed probe means reconnecting (a frozen or unreachable server must not leave
+the cache trusted while notifications cannot arrive); `stop()` never raises.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ class Listener:
                 self._connected.set()
                 while not conn.is_closed():
                     await asyncio.sleep(0.25)
-                    with contextlib.suppress(*DATABASE_ERRORS):
-                        await conn.execute("SELECT 1", timeout=PROBE_TIMEOUT)
+                    # A probe that fails or times out means notifications may be missed too:
+                    # reconnect (the cache is bypassed meanwhile and cleared on reconnect).
+                    await conn.execute("SELECT 1", timeout=PROBE_TIMEOUT)
             except DATABASE_ERRORS:
                 pass
             finally:

@@ -460,7 +460,10 @@ class UsageRecorder:
     async def stop(self) -> None:
         """Stop the loop and write what is left (a clean shutdown loses nothing)."""
         if self._task is not None:
-            self._task.cancel()
+            # Under the lock: a flush in progress finishes its write instead of being cut off
+            # with its batch already out of the buffers.
+            async with self._lock:
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None

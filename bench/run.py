@@ -1,0 +1,548 @@
+"""`make bench`: how fast /v1/verify is, measured against a bare Starlette app on this machine.
+
+This is a benchmark, not a test: it prints a table, writes `bench/results/latest.json`, and exits
+0 whether the targets are met or not (non-zero only when the benchmark itself could not run).
+The machine is shared and noisy, so the figures that matter are ratios within one run.
+
+Each section is a function of the shared `Bench` in `SECTIONS`, run in order; each `Target` in
+`TARGETS` turns the sections' figures into one PASS/MISS line. To add a benchmark line, write a
+section that stores its figures with `bench.record(name, {...})` and append it (and any
+target) to those lists.
+
+Settings (environment): BENCH_KEYS_LARGE (1000000), BENCH_HOT (100000), BENCH_DURATION seconds per
+run (10), BENCH_REPEAT (3), BENCH_CONNECTIONS (64), BENCH_WRK_THREADS (2), BENCH_WARMUP_MAX seconds
+(300). BENCH_LOADGEN=python uses the asyncio fallback instead of wrk (otherwise used only when wrk
+cannot be installed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from app.tokens import KeyType, mint_token
+from bench import inprocess, loadgen, procs, seed
+from tests.pgserver import PostgresServer, free_port
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+BARE = "bare"
+SMALL = "verify-1k"
+LARGE = "verify-1M"
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    return int(raw.replace("_", "")) if raw else default
+
+
+@dataclass(frozen=True)
+class Config:
+    keys_small: int = 1_000
+    keys_large: int = 1_000_000
+    hot: int = 100_000
+    duration: float = 10.0
+    repeat: int = 3
+    connections: int = 64
+    wrk_threads: int = 2
+    warm_up_max: float = 300.0
+
+    @classmethod
+    def from_env(cls) -> Config:
+        return cls(
+            keys_large=_env_int("BENCH_KEYS_LARGE", cls.keys_large),
+            hot=_env_int("BENCH_HOT", cls.hot),
+            duration=float(os.environ.get("BENCH_DURATION", "").strip() or cls.duration),
+            repeat=_env_int("BENCH_REPEAT", cls.repeat),
+            connections=_env_int("BENCH_CONNECTIONS", cls.connections),
+            wrk_threads=_env_int("BENCH_WRK_THREADS", cls.wrk_threads),
+            warm_up_max=float(os.environ.get("BENCH_WARMUP_MAX", "").strip() or cls.warm_up_max),
+        )
+
+
+@dataclass
+class Dataset:
+    url: str
+    database: str
+    keys: int
+    tokens: list[str]  # the tokens the load cycles through (all keys, or the hot set)
+    tokens_file: Path
+
+
+@dataclass
+class Bench:
+    """What the sections share: settings, the PostgreSQL server, datasets, and the figures."""
+
+    config: Config
+    workdir: Path
+    stack: contextlib.ExitStack
+    wrk: str | None = None
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    _postgres: PostgresServer | None = None
+    _datasets: dict[str, Dataset] = field(default_factory=dict)
+
+    def record(self, name: str, figures: dict[str, Any]) -> None:
+        self.results.setdefault(name, {}).update(figures)
+
+    def note(self, text: str) -> None:
+        print(f"bench: NOTE: {text}", flush=True)
+        self.notes.append(text)
+
+    def log(self, text: str) -> None:
+        print(f"bench: {text}", flush=True)
+
+    # --- PostgreSQL and data ---------------------------------------------------------------------
+
+    def postgres(self) -> PostgresServer:
+        if self._postgres is None:
+            self.log("starting PostgreSQL")
+            server = PostgresServer()
+            self.stack.callback(server.destroy)  # registered first: removed even if init fails
+            server.init()
+            server.start()
+            self._postgres = server
+        return self._postgres
+
+    def dataset(self, database: str, keys: int, hot: int) -> Dataset:
+        """A database with one workspace and `keys` keys; the load uses `hot` of their tokens."""
+        if database not in self._datasets:
+            pg = self.postgres()
+            pg.create_database(database)
+            url = pg.url(database)
+            started = time.perf_counter()
+            workspace = seed.migrate_and_bootstrap(url, "bench")
+            tokens = seed.seed_keys(url, workspace, keys, min(hot, keys))
+            took = time.perf_counter() - started
+            self.log(f"{database}: {keys:,} keys seeded in {took:.1f} s")
+            tokens_file = self.workdir / f"{database}.tokens"
+            tokens_file.write_text("\n".join(tokens) + "\n")
+            self._datasets[database] = Dataset(url, database, keys, tokens, tokens_file)
+            self.record(f"seed:{database}", {"keys": keys, "seconds": round(took, 1)})
+        return self._datasets[database]
+
+    def pg_pid(self) -> int:
+        return int((self.postgres().data / "postmaster.pid").read_text().split()[0])
+
+    # --- servers and load -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def server(self, name: str, database_url: str | None = None) -> Iterator[procs.Server]:
+        port = free_port()
+        if database_url is None:
+            command, env = procs.bare_command(port), {}
+        else:
+            command, env = procs.verify_command(port), {"KEYPLANE_DATABASE_URL": database_url}
+        with procs.serve(name, command, port, env, self.workdir) as server:
+            yield server
+
+    def half_load(
+        self, server: procs.Server, tokens: list[str], tokens_file: Path, rate: float
+    ) -> dict[str, Any]:
+        """Latency at a fixed `rate`: open loop (wrk2-style, latency from each request's
+        scheduled start), and wrk paced by per-connection pauses (latency from the send)."""
+        figures: dict[str, Any] = {}
+        open_loop = loadgen.fixed_rate(
+            procs.HOST, server.port, tokens, rate=rate, seconds=self.config.duration
+        )
+        figures["open_loop"] = open_loop.as_dict()
+        if self.wrk is not None:
+            paced = loadgen.run_wrk(
+                self.wrk,
+                server.url,
+                tokens_file,
+                threads=self.config.wrk_threads,
+                connections=self.config.connections,
+                seconds=self.config.duration,
+                rate=rate,
+            )
+            figures["wrk_paced"] = paced.as_dict()
+        for name, result in figures.items():
+            self.log(
+                f"{server.name} at {rate:,.0f} req/s ({name}): {result['rps']:,.0f} req/s, "
+                f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
+                f"errors {result['errors']}"
+            )
+        return figures
+
+    def one_run(self, server: procs.Server, tokens: list[str], tokens_file: Path) -> Any:
+        if self.wrk is not None:
+            return loadgen.run_wrk(
+                self.wrk,
+                server.url,
+                tokens_file,
+                threads=self.config.wrk_threads,
+                connections=self.config.connections,
+                seconds=self.config.duration,
+            )
+        return loadgen.closed_loop(
+            procs.HOST,
+            server.port,
+            tokens,
+            seconds=self.config.duration,
+            connections=self.config.connections,
+        )
+
+    def full_load(
+        self, server: procs.Server, tokens: list[str], tokens_file: Path, database: bool
+    ) -> dict[str, Any]:
+        """`repeat` closed-loop runs at full load and their medians, with where the CPU went
+        during each run, in cores: the server, PostgreSQL, the load generator, and everything
+        else on this shared machine ("other", the noise)."""
+        runs = []
+        cpu: dict[str, list[float]] = {"server": [], "postgres": [], "loadgen": [], "other": []}
+        for index in range(self.config.repeat):
+            marks = self._cpu_marks(server, database)
+            started = time.perf_counter()
+            result = self.one_run(server, tokens, tokens_file)
+            wall = time.perf_counter() - started
+            after = self._cpu_marks(server, database)
+            used = {k: (after[k] - marks[k]) / wall for k in marks}
+            used["other"] = max(0.0, used.pop("busy") - sum(used.values()))
+            for key, value in used.items():
+                cpu[key].append(value)
+            runs.append(result)
+            self.log(
+                f"{server.name} run {index + 1}/{self.config.repeat}: {result.rps:,.0f} req/s, "
+                f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, errors {result.errors}; "
+                "CPU cores " + ", ".join(f"{k} {v:.2f}" for k, v in used.items())
+            )
+        figures = loadgen.median_result(runs)
+        figures["cpu_cores"] = {k: round(statistics.median(v), 2) for k, v in cpu.items()}
+        # Requests per second of server CPU: what the server does with the core it actually got,
+        # which the neighbours on a shared machine disturb much less than req/s.
+        figures["per_server_cpu_s"] = statistics.median(
+            r.rps / c for r, c in zip(runs, cpu["server"], strict=True) if c > 0
+        )
+        if figures["errors"]:
+            self.note(f"{server.name}: {figures['errors']} errors or non-200 answers under load")
+        return figures
+
+    def _cpu_marks(self, server: procs.Server, database: bool) -> dict[str, float]:
+        return {
+            "busy": procs.busy_cpu_seconds(),
+            "server": procs.cpu_seconds(server.pid),
+            "postgres": procs.cpu_seconds(self.pg_pid()) if database else 0.0,
+            "loadgen": procs.own_cpu_seconds(),
+        }
+
+    def warm_up(self, server: procs.Server, tokens: list[str]) -> dict[str, Any]:
+        """Verify each token once, so that each key is in the server's cache."""
+        sent, seconds = loadgen.warm_up(
+            procs.HOST, server.port, tokens, max_seconds=self.config.warm_up_max
+        )
+        if sent < len(tokens):
+            self.note(
+                f"{server.name}: warm-up stopped at BENCH_WARMUP_MAX={self.config.warm_up_max:g} s"
+                f" after {sent:,} of {len(tokens):,} keys"
+            )
+        return {
+            "warm_up_keys": sent,
+            "warm_up_s": round(seconds, 1),
+            "fills_per_s": round(sent / seconds),
+        }
+
+
+# --- sections ------------------------------------------------------------------------------------
+
+
+def section_bare(bench: Bench) -> None:
+    """The ceiling: the same uvicorn, a Starlette route answering a constant verify-sized body."""
+    tokens = [mint_token(seed.KEY_PREFIX, KeyType.SERVER) for _ in range(1_000)]
+    tokens_file = bench.workdir / "bare.tokens"
+    tokens_file.write_text("\n".join(tokens) + "\n")
+    with bench.server(BARE) as server:
+        bench.warm_up(server, tokens[:200])
+        bench.record(BARE, {"full": bench.full_load(server, tokens, tokens_file, False)})
+        bench.record(BARE, {"rss_mib": procs.rss_mib(server.pid)})
+
+
+def section_verify_small(bench: Bench) -> None:
+    """/v1/verify with 1,000 keys, every one of them in the load (all cached after warm-up)."""
+    data = bench.dataset("bench_small", bench.config.keys_small, bench.config.keys_small)
+    with bench.server(SMALL, data.url) as server:
+        bench.record(SMALL, {"keys": data.keys, "hot": len(data.tokens)})
+        bench.record(SMALL, bench.warm_up(server, data.tokens))
+        bench.record(SMALL, {"full": bench.full_load(server, data.tokens, data.tokens_file, True)})
+        bench.record(SMALL, {"rss_mib": procs.rss_mib(server.pid)})
+
+
+def section_verify_large(bench: Bench) -> None:
+    """/v1/verify with 1,000,000 keys, the load spread evenly over a hot set of 100,000; memory
+    after the hot set is cached; p99 at half the full-load rate (open loop, and wrk paced)."""
+    config = bench.config
+    data = bench.dataset("bench_large", config.keys_large, config.hot)
+    with bench.server(LARGE, data.url) as server:
+        bench.log(f"{LARGE}: warming the cache with {len(data.tokens):,} hot keys")
+        bench.record(LARGE, {"keys": data.keys, "hot": len(data.tokens)})
+        bench.record(LARGE, bench.warm_up(server, data.tokens))
+        bench.record(LARGE, {"rss_after_warm_up": procs.rss_mib(server.pid)})
+        full = bench.full_load(server, data.tokens, data.tokens_file, True)
+        bench.record(LARGE, {"full": full, "rss_after_load": procs.rss_mib(server.pid)})
+        rate = full["rps"] / 2
+        bench.log(f"{LARGE}: open-loop run at half load, {rate:,.0f} req/s")
+        bench.record(
+            LARGE, {"half_load": bench.half_load(server, data.tokens, data.tokens_file, rate)}
+        )
+    # The same clients against the bare app at the same rate: each client's own latency floor.
+    with bench.server(BARE + "-calibration") as server:
+        bench.warm_up(server, data.tokens[:200])
+        floor = bench.half_load(server, data.tokens, data.tokens_file, rate)
+        bench.record(BARE, {"half_load_same_rate": floor})
+
+
+def section_in_process(bench: Bench) -> None:
+    """The `usage` query over 30 days of hourly data (one key; an environment of 1,000 keys)
+    and the time to refuse a token by how much of a real key it shares (bench/inprocess.py)."""
+    pg = bench.postgres()
+    pg.create_database("bench_usage")
+    for name, figures in inprocess.run(pg.url("bench_usage")).items():
+        bench.record(name, figures)
+
+
+Section = Callable[[Bench], None]
+SECTIONS: list[tuple[str, Section]] = [
+    (BARE, section_bare),
+    (SMALL, section_verify_small),
+    (LARGE, section_verify_large),
+    ("in-process", section_in_process),
+]
+
+
+# --- targets -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    label: str
+    value: Callable[[dict[str, dict[str, Any]]], float]
+    limit: float
+    at_least: bool  # True: value >= limit passes; False: value <= limit passes
+    unit: str = ""
+
+
+def _ratio(top: str, bottom: str) -> Callable[[dict[str, dict[str, Any]]], float]:
+    return lambda r: float(r[top]["full"]["rps"]) / float(r[bottom]["full"]["rps"])
+
+
+def _half_load_figures(half_load: dict[str, Any]) -> dict[str, Any]:
+    """The half-load run the target reads: wrk paced when there is one. On this shared two-core
+    machine the Python open-loop client's own p99 against the bare app (its floor) was 9-35 ms,
+    above the 5 ms target, while wrk's was under 4.5 ms; the open-loop figure is still shown."""
+    figures: dict[str, Any] = half_load.get("wrk_paced") or half_load["open_loop"]
+    return figures
+
+
+def _per_cpu(top: str, bottom: str) -> Callable[[dict[str, dict[str, Any]]], float]:
+    return lambda r: (
+        float(r[top]["full"]["per_server_cpu_s"]) / float(r[bottom]["full"]["per_server_cpu_s"])
+    )
+
+
+# The req/s ratios are the targets as stated; the same ratios per second of server CPU follow
+# them because a busy neighbour on a shared machine moves req/s far more than it moves those.
+TARGETS = [
+    Target(f"{SMALL} / {BARE} req/s", _ratio(SMALL, BARE), 0.8, True),
+    Target("  same, per server CPU-s", _per_cpu(SMALL, BARE), 0.8, True),
+    Target(f"{LARGE} / {SMALL} req/s", _ratio(LARGE, SMALL), 0.9, True),
+    Target("  same, per server CPU-s", _per_cpu(LARGE, SMALL), 0.9, True),
+    Target(
+        f"{LARGE} p99 at half load",
+        lambda r: float(_half_load_figures(r[LARGE]["half_load"])["p99_ms"]),
+        5.0,
+        False,
+        " ms",
+    ),
+    Target(
+        f"{LARGE} server RSS, hot set cached",
+        lambda r: float(r[LARGE]["rss_after_warm_up"]["rss_mib"]),
+        400.0,
+        False,
+        " MiB",
+    ),
+]
+
+
+def evaluate(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    checks = []
+    for target in TARGETS:
+        try:
+            value = target.value(results)
+        except (KeyError, ZeroDivisionError, TypeError):
+            checks.append({"check": target.label, "value": None, "verdict": "NOT RUN"})
+            continue
+        passed = value >= target.limit if target.at_least else value <= target.limit
+        margin = (value - target.limit) / target.limit * 100
+        checks.append(
+            {
+                "check": target.label,
+                "value": round(value, 3),
+                "target": f"{'>=' if target.at_least else '<='} {target.limit:g}{target.unit}",
+                "verdict": "PASS" if passed else "MISS",
+                "margin_percent": round(margin, 1),
+                "unit": target.unit.strip(),
+            }
+        )
+    return checks
+
+
+def print_table(results: dict[str, dict[str, Any]], checks: list[dict[str, Any]]) -> None:
+    print()
+    print(
+        f"{'target':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+        f"{'req/CPU-s':>10}   CPU cores: server postgres loadgen other"
+    )
+    for name in (BARE, SMALL, LARGE):
+        full = results.get(name, {}).get("full")
+        if full is None:
+            print(f"{name:<12} {'not run':>9}")
+            continue
+        cpu = full["cpu_cores"]
+        print(
+            f"{name:<12} {full['rps']:>9,.0f} {full['p50_ms']:>8.2f} {full['p99_ms']:>8.2f} "
+            f"{full['errors']:>7} {full['per_server_cpu_s']:>10,.0f}   "
+            f"{cpu['server']:>17.2f} {cpu['postgres']:>8.2f} "
+            f"{cpu['loadgen']:>7.2f} {cpu['other']:>5.2f}"
+        )
+    half = results.get(LARGE, {}).get("half_load")
+    floor = results.get(BARE, {}).get("half_load_same_rate", {})
+    if half:
+        print()
+        print(f"at half of {LARGE}'s full-load rate   {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+        for server, figures in ((LARGE, half), (f"{BARE} (client floor)", floor)):
+            for method, result in figures.items():
+                print(
+                    f"  {server + ', ' + method:<34} {result['rps']:>9,.0f} "
+                    f"{result['p50_ms']:>8.2f} {result['p99_ms']:>8.2f}"
+                )
+    usage = results.get("usage-query")
+    if usage:
+        print()
+        print(
+            f"usage query, {inprocess.DAYS} days hourly (median of {inprocess.REPEAT}, "
+            f"{usage['seeded_rows']:,} bucket rows): trivial query {usage['baseline_ms']:.1f} ms; "
+            f"one key {usage['key_hourly_ms']:.1f} ms ({usage['key_vs_baseline']:.1f}x), "
+            f"daily {usage['key_daily_ms']:.1f} ms; environment of {inprocess.KEYS:,} keys "
+            f"{usage['environment_hourly_ms']:.1f} ms ({usage['environment_vs_baseline']:.1f}x), "
+            f"daily {usage['environment_daily_ms']:.1f} ms"
+        )
+    timing = results.get("refusal-timing")
+    if timing:
+        for label, figures in timing.items():
+            shown = ", ".join(
+                f"{k.removesuffix('_ms').replace('shared_', '').replace('_of_', '/')} chars "
+                f"{v:.3f} ms"
+                for k, v in figures.items()
+                if k.endswith("_ms")
+            )
+            print(
+                f"refusal time, {label} tokens sharing a real key's first: {shown} "
+                f"(max/min {figures['max_over_min']:.2f})"
+            )
+    print()
+    print(f"{'check':<38} {'value':>10} {'target':>12}  verdict")
+    for check in checks:
+        if check["value"] is None:
+            print(f"{check['check']:<38} {'-':>10} {'':>12}  NOT RUN")
+            continue
+        shown = f"{check['value']:.2f}{check['unit'] and ' ' + check['unit']}"
+        print(
+            f"{check['check']:<38} {shown:>10} {check['target']:>12}  "
+            f"{check['verdict']} ({check['margin_percent']:+.0f}% vs target)"
+        )
+    print()
+
+
+def _machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpus": os.cpu_count(), "cpu": model, "python": platform.python_version()}
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    try:
+        return _main(Config.from_env())
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; every server and PostgreSQL stopped", file=sys.stderr)
+        return 130
+
+
+def _main(config: Config) -> int:
+    began = time.perf_counter()
+    failed: Exception | None = None
+    workdir = Path(tempfile.mkdtemp(prefix="keyplane-bench-"))
+    # Entered first, so left last: the work dir goes once every process is stopped.
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: None if failed else shutil.rmtree(workdir, ignore_errors=True))
+        bench = Bench(config=config, workdir=workdir, stack=stack)
+        bench.log(f"settings {config}; one uvicorn worker per server; work dir {workdir}")
+        if os.environ.get("BENCH_LOADGEN", "wrk") == "wrk":
+            bench.wrk = loadgen.ensure_wrk()
+        if bench.wrk is None:
+            bench.note(
+                "!!! wrk is NOT available: full-load figures come from a Python asyncio client "
+                "on the same two cores, which is no match for wrk. Absolute req/s "
+                "may be understated and are not comparable with wrk runs; read the ratios. !!!"
+            )
+        try:
+            for name, section in SECTIONS:
+                bench.log(f"--- {name}")
+                section(bench)
+        except Exception as exc:  # report what was measured, then fail
+            failed = exc
+            bench.note(f"section failed: {exc!r}; server logs kept in {workdir}")
+    elapsed = time.perf_counter() - began
+    checks = evaluate(bench.results)
+    print_table(bench.results, checks)
+    report = {
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(elapsed, 1),
+        "machine": _machine(),
+        "config": config.__dict__,
+        "load_generator": "wrk" if bench.wrk else "python-asyncio-fallback",
+        "half_load_method": "open_loop: asyncio client at 50% of the full-load rate, latency "
+        "from each request's scheduled start (wrk2 is not in Debian); wrk_paced: wrk with "
+        "per-connection pauses, latency from the send; the bare app at the same rate shows "
+        "each client's own floor",
+        "workers": 1,
+        "results": bench.results,
+        "checks": checks,
+        "notes": bench.notes,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    # A failed run does not replace the last complete one, which the README quotes.
+    out = RESULTS / ("failed.json" if failed else "latest.json")
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"bench: {elapsed:.0f} s in all; results in {out}")
+    if failed is not None:
+        print(f"bench: FAILED: {failed!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
