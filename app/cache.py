@@ -28,12 +28,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
+
+from tortoise import connections
 
 from app.db import DATABASE_ERRORS
 from app.net import compile_allowlist
@@ -43,26 +47,18 @@ from models import ApiKey, KeyKind
 
 logger = logging.getLogger("keyplane.cache")
 
-REFRESH_CHUNK = 1000
+REFRESH_CHUNK = 500
 LOOKUP_TIMEOUT_SECONDS = 2.0  # a request-path lookup; a healthy one takes milliseconds
 MAX_STUCK_LOOKUPS = 1000  # timed-out lookups still running; beyond this, fail at once
-# The columns a KeyRecord is built from (one joined query, values only: no ORM objects).
-RECORD_FIELDS = (
-    "secret_hash",
-    "public_id",
-    "type",
-    "workspace_id",
-    "workspace__public_id",
-    "environment_id",
-    "environment__public_id",
-    "status",
-    "permissions",
-    "role__permissions",
-    "allowed_ips",
-    "environment__authorized_origins",
-    "expires_at",
-    "grace_ends_at",
-)
+# One joined read per batch of hashes, in plain SQL: no ORM objects, no query building per call.
+_SELECT = """SELECT k.secret_hash, k.public_id, k.type, k.workspace_id, w.public_id AS ws,
+       k.environment_id, e.public_id AS env, k.status, k.permissions, r.permissions AS role,
+       k.allowed_ips, e.authorized_origins, k.expires_at, k.grace_ends_at
+FROM api_keys k
+JOIN workspaces w ON w.id = k.workspace_id
+JOIN environments e ON e.id = k.environment_id
+LEFT JOIN roles r ON r.id = k.role_id
+WHERE """
 
 
 class Unavailable(Exception):
@@ -75,6 +71,7 @@ class CacheEntry:
     fresh_until: float
     filled_at: float
     body: bytes | None = None  # the rendered VALID answer, kept by the verify endpoint
+    source: int = 0  # fingerprint of the row the record was built from
 
 
 def record_from_model(key: ApiKey) -> KeyRecord:
@@ -101,35 +98,64 @@ def record_from_model(key: ApiKey) -> KeyRecord:
     )
 
 
-def record_from_values(row: dict[str, Any]) -> KeyRecord:
-    """The verification view of a key from a `RECORD_FIELDS` row."""
-    permissions = set(row["permissions"])
-    if row["role__permissions"]:
-        permissions.update(row["role__permissions"])
-    client_side = row["type"] == KeyKind.CLIENT_SIDE
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+def _time(value: Any) -> datetime | None:
+    """Timestamps come back as datetimes (asyncpg) or ISO text (SQLite); always UTC-aware."""
+    if value is None or isinstance(value, datetime):
+        return value
+    parsed = datetime.fromisoformat(str(value))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def record_from_row(row: dict[str, Any]) -> KeyRecord:
+    """The verification view of a key from a `_SELECT` row."""
+    permissions = set(_json(row["permissions"]) or ())
+    permissions.update(_json(row["role"]) or ())
     return KeyRecord(
         key_id=row["public_id"],
-        key_type=KeyKind(row["type"]).value,
-        workspace_pk=row["workspace_id"],
-        workspace_id=row["workspace__public_id"],
-        environment_pk=row["environment_id"],
-        environment_id=row["environment__public_id"],
-        status=row["status"].value if hasattr(row["status"], "value") else str(row["status"]),
+        key_type=str(row["type"]),
+        workspace_pk=int(row["workspace_id"]),
+        workspace_id=row["ws"],
+        environment_pk=int(row["environment_id"]),
+        environment_id=row["env"],
+        status=str(row["status"]),
         permissions=frozenset(permissions),
         permission_list=tuple(sorted(permissions)),
-        allowed_networks=compile_allowlist(row["allowed_ips"]),
-        authorized_origins=frozenset(row["environment__authorized_origins"] or ())
-        if client_side
+        allowed_networks=compile_allowlist(_json(row["allowed_ips"]) or ()),
+        authorized_origins=frozenset(_json(row["authorized_origins"]) or ())
+        if row["type"] == KeyKind.CLIENT_SIDE.value
         else frozenset(),
-        expires_at=row["expires_at"],
-        grace_ends_at=row["grace_ends_at"],
+        expires_at=_time(row["expires_at"]),
+        grace_ends_at=_time(row["grace_ends_at"]),
     )
+
+
+def fingerprint(row: dict[str, Any]) -> int:
+    """A summary of a row as read: an unchanged key is confirmed without being rebuilt."""
+    return hash(tuple(row.values()))
+
+
+async def load_rows(secret_hashes: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The raw rows of those hashes that name a key (one query)."""
+    if not secret_hashes:
+        return {}
+    connection = connections.get("default")
+    if connection.capabilities.dialect == "postgres":
+        sql = _SELECT + "k.secret_hash = ANY($1::varchar[])"
+        values: list[Any] = [list(secret_hashes)]
+    else:
+        sql = _SELECT + f"k.secret_hash IN ({','.join('?' * len(secret_hashes))})"
+        values = list(secret_hashes)
+    rows = await connection.execute_query_dict(sql, values)
+    return {row["secret_hash"]: row for row in rows}
 
 
 async def load_records(secret_hashes: Sequence[str]) -> dict[str, KeyRecord]:
     """The records of those hashes that name a key (one query)."""
-    rows = await ApiKey.filter(secret_hash__in=list(secret_hashes)).values(*RECORD_FIELDS)
-    return {row["secret_hash"]: record_from_values(row) for row in rows}
+    return {h: record_from_row(row) for h, row in (await load_rows(secret_hashes)).items()}
 
 
 class KeyCache:
@@ -143,7 +169,8 @@ class KeyCache:
         self.hits = 0
         self.misses = 0
         self._refresher: asyncio.Task[None] | None = None
-        self._stuck: set[asyncio.Task[KeyRecord | None]] = set()  # timed out, still running
+        # Lookups that timed out and are still running.
+        self._stuck: set[asyncio.Task[tuple[KeyRecord | None, int]]] = set()
         # False while cross-process notifications may be missed (PostgreSQL listener down):
         # cached entries are then not served, every verification reads the database.
         self.trusted = True
@@ -193,7 +220,7 @@ class KeyCache:
         self._inflight[secret_hash] = future
         generation = self._generation
         try:
-            record = await self._bounded_load(secret_hash)
+            record, source = await self._bounded_load(secret_hash)
         except DATABASE_ERRORS as exc:
             stale_ok = (
                 entry is not None
@@ -216,21 +243,21 @@ class KeyCache:
                 future.set_exception(Unavailable("key lookup abandoned"))
                 future.exception()
         if generation == self._generation:
-            self._store(secret_hash, record, now)
+            self._store(secret_hash, record, source, now)
         return record
 
-    def _store(self, secret_hash: str, record: KeyRecord | None, now: float) -> None:
+    def _store(self, secret_hash: str, record: KeyRecord | None, source: int, now: float) -> None:
         ttl = (
             2 * self.settings.cache_refresh_seconds
             if record is not None
             else self.settings.negative_cache_seconds
         )
-        self._entries[secret_hash] = CacheEntry(record, now + ttl, now)
+        self._entries[secret_hash] = CacheEntry(record, now + ttl, now, None, source)
         self._entries.move_to_end(secret_hash)
         while len(self._entries) > self.settings.cache_size:
             self._entries.popitem(last=False)
 
-    async def _bounded_load(self, secret_hash: str) -> KeyRecord | None:
+    async def _bounded_load(self, secret_hash: str) -> tuple[KeyRecord | None, int]:
         """`_load`, waited for at most LOOKUP_TIMEOUT_SECONDS; raises TimeoutError (an OSError,
         so one of DATABASE_ERRORS) when the database does not answer in time."""
         if len(self._stuck) >= MAX_STUCK_LOOKUPS:
@@ -243,42 +270,51 @@ class KeyCache:
             raise TimeoutError("database lookup timed out")
         return task.result()
 
-    def _landed(self, task: asyncio.Task[KeyRecord | None]) -> None:
+    def _landed(self, task: asyncio.Task[tuple[KeyRecord | None, int]]) -> None:
         self._stuck.discard(task)
         if not task.cancelled():
             task.exception()  # read: a late failure nobody waits for must not be logged as lost
 
-    async def _load(self, secret_hash: str) -> KeyRecord | None:
-        return (await load_records([secret_hash])).get(secret_hash)
+    async def _load(self, secret_hash: str) -> tuple[KeyRecord | None, int]:
+        row = (await load_rows([secret_hash])).get(secret_hash)
+        return (record_from_row(row), fingerprint(row)) if row is not None else (None, 0)
 
     async def refresh(self) -> tuple[int, int]:
         """Re-read every cached key in bulk: replace changed records, drop deleted keys, and
         confirm the rest for another two refresh periods. Returns (checked, changed or gone).
-        An entry invalidated or refilled while its chunk was being read is left alone."""
+        An entry invalidated or refilled while its chunk was being read is left alone; an
+        unchanged row (same fingerprint) is confirmed without rebuilding its record."""
         hashes = [h for h, entry in self._entries.items() if entry.record is not None]
         checked = changed = 0
         ttl = 2 * self.settings.cache_refresh_seconds
         for start in range(0, len(hashes), REFRESH_CHUNK):
             chunk = hashes[start : start + REFRESH_CHUNK]
             before = {h: self._entries.get(h) for h in chunk}
-            records = await load_records(chunk)
+            rows = await load_rows(chunk)
             now = time.monotonic()
             for secret_hash, old in before.items():
                 if old is None or self._entries.get(secret_hash) is not old:
                     continue
                 checked += 1
-                record = records.get(secret_hash)
-                if record is None:
+                row = rows.get(secret_hash)
+                if row is None:
                     self._generation += 1
                     del self._entries[secret_hash]
                     changed += 1
-                elif record == old.record:
-                    old.fresh_until = now + ttl
-                    old.filled_at = now
-                else:
-                    self._generation += 1
-                    self._entries[secret_hash] = CacheEntry(record, now + ttl, now)
-                    changed += 1
+                    continue
+                source = fingerprint(row)
+                if source != old.source:
+                    record = record_from_row(row)
+                    if record != old.record:
+                        self._generation += 1
+                        self._entries[secret_hash] = CacheEntry(
+                            record, now + ttl, now, None, source
+                        )
+                        changed += 1
+                        continue
+                    old.source = source
+                old.fresh_until = now + ttl
+                old.filled_at = now
             await asyncio.sleep(0)  # let requests through between chunks
         return checked, changed
 
