@@ -17,6 +17,7 @@ from app.cache import KeyCache
 from app.changes import ChangeFeed
 from app.clock import Clock, SystemClock
 from app.db import tortoise_config
+from app.gcpolicy import GcPolicy
 from app.http.graphiql import ASSETS_PATH, graphiql_assets
 from app.http.graphql import GraphQLEndpoint, KeyplaneGraphQL
 from app.http.health import health
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     activity = ActivityRecorder(settings, services.clock)
     usage = UsageRecorder(settings, services.clock)
     metrics = Metrics()
+    gc_policy = GcPolicy(min(settings.cache_refresh_seconds, 10.0))
     verify = VerifyEndpoint(settings, key_cache, services.clock, activity, usage, metrics)
 
     @asynccontextmanager
@@ -60,6 +62,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             await activity.start()
             await usage.start()
             await key_cache.start()
+            await gc_policy.start()
             listener = None
             if settings.is_postgres:
                 listener = Listener(settings.database_url, key_cache)
@@ -69,6 +72,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             finally:
                 if listener is not None:
                     await listener.stop()
+                await gc_policy.stop()
                 await key_cache.stop()
                 await usage.stop()
                 await activity.stop()

@@ -69,3 +69,25 @@ async def test_the_refresh_runs_by_itself(app: Starlette, ws: WorkspaceHandle) -
             raise AssertionError("the background refresh did not pick up the change")
     finally:
         await cache.stop()
+
+
+def test_gc_policy_freezes_survivors_and_collects_all_hourly() -> None:
+    import gc
+
+    from app import gcpolicy
+
+    policy = gcpolicy.GcPolicy(10.0)
+    try:
+        survivor = [object() for _ in range(1000)]
+        policy.tick()
+        frozen = gc.get_freeze_count()
+        assert frozen >= 1000  # the survivors left the generations a full collection walks
+        # An hour later: everything is unfrozen and collected, then frozen again.
+        policy.last_full -= gcpolicy.FULL_COLLECTION_SECONDS
+        before = policy.last_full
+        policy.tick()
+        assert policy.last_full > before
+        assert gc.get_freeze_count() >= 1000
+        assert survivor
+    finally:
+        gc.unfreeze()

@@ -488,3 +488,39 @@ async def test_monitoring_needs_api_key_view(ws: WorkspaceHandle, query: str) ->
     assert body["data"] is None
     assert body["errors"][0]["extensions"]["code"] == "FORBIDDEN"
     assert "api.key.view" in body["errors"][0]["message"]
+
+
+async def test_the_service_prunes_old_denials_by_itself(
+    app: Starlette, ws: WorkspaceHandle, clock: OffsetClock
+) -> None:
+    """A recorder's background loop prunes on its first round (then every 10 minutes)."""
+    key_id, _ = await ws.create_key()
+    retention = app.state.settings.denial_retention_days
+    old = await Denial.create(
+        workspace_id=None,
+        key_id=key_id,
+        at=clock.now() - timedelta(days=retention, hours=1),
+        ip="198.18.230.1",
+        code="INVALID_KEY",
+        message="old",
+    )
+    fresh = await Denial.create(
+        workspace_id=None,
+        key_id=key_id,
+        at=clock.now() - timedelta(days=retention - 1),
+        ip="198.18.230.1",
+        code="INVALID_KEY",
+        message="recent",
+    )
+    settings = dataclasses.replace(app.state.settings, flush_interval_seconds=0.05)
+    own = UsageRecorder(settings, clock)
+    await own.start()
+    try:
+        for _ in range(100):
+            if not await Denial.exists(id=old.id):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await own.stop()
+    assert not await Denial.exists(id=old.id)
+    assert await Denial.exists(id=fresh.id)
