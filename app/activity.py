@@ -5,7 +5,6 @@ written in batches, never one write per request."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from datetime import datetime, timedelta
 
 from tortoise.transactions import in_transaction
 
+from app.background import Periodic
 from app.clock import Clock
 from app.db import DATABASE_ERRORS
 from app.net import Address, ip_allowed, parse_address
@@ -57,8 +57,8 @@ class ActivityRecorder:
         self._stored_ips: dict[tuple[str, str], datetime] = {}
         self._stored_permissions: set[tuple[str, str]] = set()
         self.dropped = 0
-        self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._loop = Periodic(settings.flush_interval_seconds, self.flush, self._lock)
 
     @property
     def pending(self) -> int:
@@ -233,22 +233,11 @@ class ActivityRecorder:
         self._stored_permissions |= stored_permissions
         return len(anomalies)
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.flush_interval_seconds)
-            await self.flush()
-
     async def start(self) -> None:
         """Flush in the background every flush interval."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop())
+        self._loop.start()
 
     async def stop(self) -> None:
         """Stop the loop and write what is left (a flush in progress finishes first)."""
-        if self._task is not None:
-            async with self._lock:
-                self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop.stop()
         await self.flush()

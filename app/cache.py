@@ -27,7 +27,6 @@ too); it lands in the background, at most MAX_STUCK_LOOKUPS of them at a time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -39,6 +38,7 @@ from typing import Any
 
 from tortoise import connections
 
+from app.background import Periodic
 from app.db import DATABASE_ERRORS
 from app.net import compile_allowlist
 from app.settings import Settings
@@ -168,7 +168,7 @@ class KeyCache:
         self._generation = 0  # bumped by every invalidation: a racing fill is not stored
         self.hits = 0
         self.misses = 0
-        self._refresher: asyncio.Task[None] | None = None
+        self._refresher = Periodic(settings.cache_refresh_seconds, self._refresh_tick)
         # Lookups that timed out and are still running.
         self._stuck: set[asyncio.Task[tuple[KeyRecord | None, int]]] = set()
         # False while cross-process notifications may be missed (PostgreSQL listener down):
@@ -318,25 +318,18 @@ class KeyCache:
             await asyncio.sleep(0)  # let requests through between chunks
         return checked, changed
 
-    async def _refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.cache_refresh_seconds)
-            try:
-                checked, changed = await self.refresh()
-            except DATABASE_ERRORS as exc:
-                logger.warning("key cache refresh failed (%s)", type(exc).__name__)
-            else:
-                if changed:
-                    logger.info("key cache refresh: %d of %d keys changed", changed, checked)
+    async def _refresh_tick(self) -> None:
+        try:
+            checked, changed = await self.refresh()
+        except DATABASE_ERRORS as exc:
+            logger.warning("key cache refresh failed (%s)", type(exc).__name__)
+        else:
+            if changed:
+                logger.info("key cache refresh: %d of %d keys changed", changed, checked)
 
     async def start(self) -> None:
         """Run the safety-net refresh in the background."""
-        if self._refresher is None:
-            self._refresher = asyncio.create_task(self._refresh_loop())
+        self._refresher.start()
 
     async def stop(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
-            self._refresher = None
+        await self._refresher.stop()

@@ -13,10 +13,10 @@ reclaimed: one pause an hour instead of one every few seconds.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import gc
 import time
+
+from app.background import Periodic
 
 FULL_COLLECTION_SECONDS = 3600.0
 
@@ -24,7 +24,7 @@ FULL_COLLECTION_SECONDS = 3600.0
 class GcPolicy:
     def __init__(self, freeze_every_seconds: float) -> None:
         self.freeze_every_seconds = freeze_every_seconds
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic(freeze_every_seconds, self._tick)
         self.last_full = time.monotonic()
 
     def tick(self) -> None:
@@ -35,19 +35,12 @@ class GcPolicy:
             self.last_full = time.monotonic()
         gc.freeze()
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.freeze_every_seconds)
-            self.tick()
+    async def _tick(self) -> None:
+        self.tick()
 
     async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop())
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop.stop()
         gc.unfreeze()

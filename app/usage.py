@@ -35,10 +35,10 @@ from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.expressions import F, Q
 from tortoise.transactions import in_transaction
 
+from app.background import Periodic
 from app.clock import Clock
 from app.db import DATABASE_ERRORS
 from app.settings import Settings
-from app.tokens import parse_token
 from app.verifier import KeyRecord
 from models import ApiKey, Denial, UsageBucket, Workspace
 
@@ -113,8 +113,8 @@ class UsageRecorder:
         self._minute: datetime | None = None
         self._hour_start: datetime | None = None
         self._per_ip: dict[str, int] = {}
-        self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._loop = Periodic(settings.flush_interval_seconds, self._tick, self._lock)
         self._last_prune = 0.0
         # For /metrics.
         self.last_flush_monotonic = time.monotonic()
@@ -132,10 +132,10 @@ class UsageRecorder:
         ip: str,
         origin: str | None,
         message: str,
-        token: str | None = None,
+        prefix: str | None = None,
     ) -> None:
-        """Count one verification. O(1), no I/O. `token` is only used to read its public prefix
-        (to attribute an unknown token's denial to a workspace); it is never stored."""
+        """Count one verification. O(1), no I/O. `prefix`: the key prefix of a well-formed but
+        unknown token, to attribute its denial to the workspace that uses that prefix."""
         self.recorded += 1
         valid = code == "VALID"
         if key is not None:
@@ -155,9 +155,6 @@ class UsageRecorder:
                 seen = self.settings.denial_rate_per_ip  # too many IPs this minute: fold
         else:
             self._per_ip[ip] = seen + 1
-        prefix = None
-        if key is None and token is not None and (parsed := parse_token(token)) is not None:
-            prefix = parsed.prefix
         buffers = self._buffers
         if seen < self.settings.denial_rate_per_ip and len(buffers.denials) < MAX_DENIAL_ROWS:
             buffers.denials.append(
@@ -444,29 +441,20 @@ class UsageRecorder:
         return deleted
 
     # -- the background task --------------------------------------------------------------
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.flush_interval_seconds)
-            await self.flush()
-            if time.monotonic() - self._last_prune >= PRUNE_EVERY_SECONDS:
-                self._last_prune = time.monotonic()
-                with contextlib.suppress(*DATABASE_ERRORS):
-                    await self.prune()
+    async def _tick(self) -> None:
+        await self.flush()
+        if time.monotonic() - self._last_prune >= PRUNE_EVERY_SECONDS:
+            self._last_prune = time.monotonic()
+            with contextlib.suppress(*DATABASE_ERRORS):
+                await self.prune()
 
     async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop())
+        self._loop.start()
 
     async def stop(self) -> None:
-        """Stop the loop and write what is left (a clean shutdown loses nothing)."""
-        if self._task is not None:
-            # Under the lock: a flush in progress finishes its write instead of being cut off
-            # with its batch already out of the buffers.
-            async with self._lock:
-                self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop the loop (a flush in progress finishes its write first) and write what is
+        left: a clean shutdown loses nothing."""
+        await self._loop.stop()
         if not await self.flush():
             logger.error(
                 "shutdown flush failed: %d requests and %d denials not written",

@@ -130,6 +130,11 @@ def decide_malformed() -> Decision:
     return _MALFORMED
 
 
+def decide_unknown() -> Decision:
+    """A well-formed token that names no key (the same answer for a deleted one)."""
+    return _UNKNOWN
+
+
 def decide_unavailable() -> Decision:
     """The key's state cannot be known (database down, nothing fresh enough cached)."""
     return _UNAVAILABLE

@@ -21,17 +21,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -39,9 +35,9 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.gateways import Admin, Gateway, cli_bootstrap, find_or_install, wait_for_port
 from tests.live import ROOT, live_server
 from tests.pgserver import free_port
-from tests.support import unique_name
 
 pytestmark = pytest.mark.slow
 
@@ -59,35 +55,9 @@ README_BACKEND = "backend:8080"
 # --- Caddy ---------------------------------------------------------------------------------
 
 
-def _find_caddy() -> str | None:
-    for candidate in (shutil.which("caddy"), "/usr/bin/caddy"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def _install_caddy() -> str | None:
-    found = _find_caddy()
-    if found:
-        return found
-    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    try:
-        subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, timeout=300)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "caddy"],
-            check=True,
-            capture_output=True,
-            timeout=600,
-            env=env,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return _find_caddy()
-
-
 @pytest.fixture(scope="module")
 def caddy() -> str:
-    binary = _install_caddy()
+    binary = find_or_install("caddy", "/usr/bin/caddy")
     if binary is None:
         pytest.skip("caddy is not installed and `apt-get install -y caddy` did not work here")
     version = subprocess.run([binary, "version"], capture_output=True, text=True, check=True)
@@ -129,21 +99,6 @@ def _adapt(binary: str, caddyfile: Path) -> dict[str, Any]:
     return config
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 15
-    while True:
-        if process.poll() is not None:
-            text = log.read_text() if log.exists() else ""
-            raise RuntimeError(f"caddy exited ({process.returncode}): {text[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"caddy did not listen on {port} in time") from None
-            time.sleep(0.05)
-
-
 def write_caddyfile(keyplane_url: str, backend_port: int, port: int, folder: Path) -> Path:
     """The README snippet, pointed at `keyplane_url` and the backend, in a Caddyfile of its own."""
     snippet = readme_snippet()
@@ -178,7 +133,7 @@ def run_caddy(binary: str, keyplane_url: str, backend_port: int, folder: Path) -
             env=_caddy_env(folder),
         )
     try:
-        _wait_for_port(port, process, log)
+        wait_for_port("caddy", port, process, log)
         yield f"http://127.0.0.1:{port}"
     finally:
         process.send_signal(signal.SIGTERM)  # graceful: in-flight requests finish, then exit
@@ -243,97 +198,9 @@ class Backend:
 # --- Keyplane admin over the live server's GraphQL -----------------------------------------
 
 
-def cli_bootstrap(database_url: str) -> str:
-    """`keyplane bootstrap` (migrates first); returns the owner token it prints."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "bootstrap",
-            "--workspace",
-            unique_name("caddy"),
-            "--plan",
-            "SCALE_ENTERPRISE",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "KEYPLANE_DATABASE_URL": database_url},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    token: str = json.loads(result.stdout)["token"]
-    return token
-
-
 @dataclass
-class Admin:
-    base_url: str
-    token: str
-    environments: dict[str, str] = field(default_factory=dict)
-
-    def q(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
-        response = httpx.post(
-            f"{self.base_url}/graphql",
-            json={"query": query, "variables": variables or {}},
-            headers={"Authorization": f"Bearer {self.token}"},
-            timeout=15,
-        )
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert "errors" not in body, body
-        data: dict[str, Any] = body["data"]
-        return data
-
-    def load_environments(self) -> None:
-        for env in self.q("{ environments { id name } }")["environments"]:
-            self.environments[env["name"]] = env["id"]
-
-    def create_key(self, **fields: Any) -> tuple[str, str]:
-        data = self.q(
-            """mutation($input: CreateKeyInput!) { createKey(input: $input) {
-                 __typename ... on CreateKeySuccess { secret key { id } }
-                 ... on Error { code message } } }""",
-            {"input": {"environmentId": self.environments["production"], "name": "gw", **fields}},
-        )
-        result = data["createKey"]
-        assert result["__typename"] == "CreateKeySuccess", result
-        return result["key"]["id"], result["secret"]
-
-    def set_status(self, key_id: str, status: str) -> None:
-        data = self.q(
-            "mutation($id: ID!, $s: KeyStatus!) { setStatus(id: $id, status: $s) { __typename } }",
-            {"id": key_id, "s": status},
-        )
-        assert data["setStatus"]["__typename"] == "SetStatusSuccess", data
-
-    def revoke(self, key_id: str) -> None:
-        data = self.q("mutation($id: ID!) { revoke(id: $id) { __typename } }", {"id": key_id})
-        assert data["revoke"]["__typename"] == "RevokeSuccess", data
-
-
-@dataclass
-class Gateway:
-    url: str
-    admin: Admin
+class CaddyGateway(Gateway):
     backend: Backend
-
-    def get(
-        self, token: str | None = None, *, source: str = "127.0.0.1", **kw: Any
-    ) -> httpx.Response:
-        """GET /api/… through Caddy from `source` (a loopback address)."""
-        headers = dict(kw.pop("headers", {}))
-        if token is not None:
-            headers.setdefault("Authorization", f"Bearer {token}")
-        transport = httpx.HTTPTransport(local_address=source)
-        with httpx.Client(transport=transport, timeout=15) as client:
-            return client.request(
-                kw.pop("method", "GET"),
-                f"{self.url}{kw.pop('path', '/api/report')}",
-                headers=headers,
-                **kw,
-            )
 
     def refused(self, response: httpx.Response, status: int, code: str) -> bool:
         """Keyplane's own refusal, relayed by Caddy, and the backend not reached for it."""
@@ -349,13 +216,13 @@ class Gateway:
 @pytest.fixture(scope="module")
 def gateway(
     caddy: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
-    token = cli_bootstrap(database_url)
+) -> Iterator[CaddyGateway]:
+    token = cli_bootstrap(database_url, "caddy")
     with live_server(database_url) as base_url, Backend() as backend:
         admin = Admin(base_url, token)
         admin.load_environments()
         with run_caddy(caddy, base_url, backend.port, tmp_path_factory.mktemp("caddy")) as url:
-            yield Gateway(url, admin, backend)
+            yield CaddyGateway(url, admin, backend)
 
 
 def _passed(
@@ -396,7 +263,7 @@ def test_readme_snippet_runs_forward_auth_before_the_backend(caddy: str, tmp_pat
     assert backend["upstreams"] == [{"dial": README_BACKEND}]
 
 
-def test_a_valid_key_reaches_the_backend_by_bearer_or_x_api_key(gateway: Gateway) -> None:
+def test_a_valid_key_reaches_the_backend_by_bearer_or_x_api_key(gateway: CaddyGateway) -> None:
     _, secret = gateway.admin.create_key(permissions=["pdf.generate"])
     assert _passed(gateway.get(secret))
     assert _passed(gateway.get(headers={"X-API-Key": secret}))
@@ -407,21 +274,21 @@ def test_a_valid_key_reaches_the_backend_by_bearer_or_x_api_key(gateway: Gateway
     assert gateway.backend.seen[-1].body == b'{"a": 1}'
 
 
-def test_a_request_without_a_key_gets_keyplane_s_401_json(gateway: Gateway) -> None:
+def test_a_request_without_a_key_gets_keyplane_s_401_json(gateway: CaddyGateway) -> None:
     reached = len(gateway.backend.seen)
     response = gateway.get()
     assert gateway.refused(response, 401, "MISSING_KEY")
     assert len(gateway.backend.seen) == reached
 
 
-def test_the_body_never_reaches_keyplane_so_a_key_in_it_is_missing(gateway: Gateway) -> None:
+def test_the_body_never_reaches_keyplane_so_a_key_in_it_is_missing(gateway: CaddyGateway) -> None:
     _, secret = gateway.admin.create_key(permissions=["pdf.generate"])
     response = gateway.get(method="POST", json={"key": secret})
     assert gateway.refused(response, 401, "MISSING_KEY")
     assert secret not in response.text
 
 
-def test_unknown_disabled_and_revoked_keys_get_401_with_their_code(gateway: Gateway) -> None:
+def test_unknown_disabled_and_revoked_keys_get_401_with_their_code(gateway: CaddyGateway) -> None:
     reached = len(gateway.backend.seen)
     assert gateway.refused(gateway.get("kp_not_a_real_key"), 401, "INVALID_KEY")
     assert len(gateway.backend.seen) == reached
@@ -439,7 +306,7 @@ def test_unknown_disabled_and_revoked_keys_get_401_with_their_code(gateway: Gate
     assert len(gateway.backend.seen) == reached
 
 
-def test_a_key_lacking_the_required_permission_gets_403(gateway: Gateway) -> None:
+def test_a_key_lacking_the_required_permission_gets_403(gateway: CaddyGateway) -> None:
     _, reader = gateway.admin.create_key(permissions=["pdf.read"])
     assert gateway.refused(gateway.get(reader), 403, "INSUFFICIENT_PERMISSIONS")
     _, no_permissions = gateway.admin.create_key()
@@ -448,7 +315,7 @@ def test_a_key_lacking_the_required_permission_gets_403(gateway: Gateway) -> Non
     assert _passed(gateway.get(wildcard))
 
 
-def test_a_caller_cannot_choose_the_required_permissions(gateway: Gateway) -> None:
+def test_a_caller_cannot_choose_the_required_permissions(gateway: CaddyGateway) -> None:
     # header_up replaces the caller's header; the caller's query string does reach Keyplane,
     # but requirements from every source add up, so it can only ask for more.
     _, reader = gateway.admin.create_key(permissions=["pdf.read"])
@@ -463,7 +330,7 @@ def test_a_caller_cannot_choose_the_required_permissions(gateway: Gateway) -> No
         )
 
 
-def test_an_ip_allowlist_without_the_caller_gets_403(gateway: Gateway) -> None:
+def test_an_ip_allowlist_without_the_caller_gets_403(gateway: CaddyGateway) -> None:
     _, secret = gateway.admin.create_key(
         permissions=["pdf.generate"], allowedIps=["198.51.100.0/24", "::1"]
     )
@@ -472,7 +339,7 @@ def test_an_ip_allowlist_without_the_caller_gets_403(gateway: Gateway) -> None:
     assert response.json()["message"] == "IP address not allowed"
 
 
-def test_the_allowlist_is_checked_against_the_caller_not_caddy(gateway: Gateway) -> None:
+def test_the_allowlist_is_checked_against_the_caller_not_caddy(gateway: CaddyGateway) -> None:
     # The caller connects from 127.0.0.2; Caddy connects to Keyplane from 127.0.0.1.
     _, callers = gateway.admin.create_key(permissions=["pdf.generate"], allowedIps=[CALLER])
     assert _passed(gateway.get(callers, source=CALLER))
@@ -481,7 +348,7 @@ def test_the_allowlist_is_checked_against_the_caller_not_caddy(gateway: Gateway)
     assert gateway.refused(gateway.get(caddys, source=CALLER), 403, "IP_NOT_ALLOWED")
 
 
-def test_a_caller_cannot_spoof_its_ip_through_caddy(gateway: Gateway) -> None:
+def test_a_caller_cannot_spoof_its_ip_through_caddy(gateway: CaddyGateway) -> None:
     _, secret = gateway.admin.create_key(permissions=["pdf.generate"], allowedIps=["198.51.100.7"])
     reached = len(gateway.backend.seen)
     for spoof in (
@@ -509,7 +376,7 @@ def test_keyplane_unavailable_503_reaches_the_caller_and_never_the_backend(
     # key it has not cached cannot be decided: Keyplane answers 503 UNAVAILABLE.
     database = tmp_path / "unavailable.sqlite3"
     url = f"sqlite://{database}"
-    token = cli_bootstrap(url)
+    token = cli_bootstrap(url, "caddy")
     with live_server(url) as base_url, Backend() as backend:
         admin = Admin(base_url, token)
         admin.load_environments()

@@ -13,28 +13,21 @@ What a client of nginx sees (nginx `auth_request` semantics, asserted below):
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
+from tests.gateways import Admin, Gateway, cli_bootstrap, find_or_install, wait_for_port
 from tests.live import ROOT, live_server
 from tests.pgserver import free_port
-from tests.support import unique_name
 
 pytestmark = pytest.mark.slow
 
@@ -48,35 +41,9 @@ CALLER = "127.0.0.2"
 # --- nginx ---------------------------------------------------------------------------------
 
 
-def _find_nginx() -> str | None:
-    for candidate in (shutil.which("nginx"), "/usr/sbin/nginx"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def _install_nginx() -> str | None:
-    found = _find_nginx()
-    if found:
-        return found
-    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    try:
-        subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, timeout=300)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "nginx"],
-            check=True,
-            capture_output=True,
-            timeout=600,
-            env=env,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return _find_nginx()
-
-
 @pytest.fixture(scope="module")
 def nginx() -> str:
-    binary = _install_nginx()
+    binary = find_or_install("nginx", "/usr/sbin/nginx")
     if binary is None:
         pytest.skip("nginx is not installed and `apt-get install -y nginx` did not work here")
     built = subprocess.run([binary, "-V"], capture_output=True, text=True, check=True)
@@ -100,21 +67,6 @@ def _free_ports(count: int) -> list[int]:
         if port not in ports:
             ports.append(port)
     return ports
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 15
-    while True:
-        if process.poll() is not None:
-            text = log.read_text() if log.exists() else ""
-            raise RuntimeError(f"nginx exited ({process.returncode}): {text[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nginx did not listen on {port} in time") from None
-            time.sleep(0.05)
 
 
 @contextmanager
@@ -169,8 +121,8 @@ http {{
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_for_port(port, process, error_log)
-        _wait_for_port(backend_port, process, error_log)
+        wait_for_port("nginx", port, process, error_log)
+        wait_for_port("nginx", backend_port, process, error_log)
         yield f"http://127.0.0.1:{port}"
     finally:
         process.send_signal(signal.SIGQUIT)  # graceful: workers finish, then all exit
@@ -188,103 +140,11 @@ http {{
 # --- Keyplane admin over the live server's GraphQL -----------------------------------------
 
 
-def cli_bootstrap(database_url: str) -> str:
-    """`keyplane bootstrap` (migrates first); returns the owner token it prints."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "bootstrap",
-            "--workspace",
-            unique_name("nginx"),
-            "--plan",
-            "SCALE_ENTERPRISE",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "KEYPLANE_DATABASE_URL": database_url},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    token: str = json.loads(result.stdout)["token"]
-    return token
-
-
-@dataclass
-class Admin:
-    base_url: str
-    token: str
-    environments: dict[str, str] = field(default_factory=dict)
-
-    def q(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
-        response = httpx.post(
-            f"{self.base_url}/graphql",
-            json={"query": query, "variables": variables or {}},
-            headers={"Authorization": f"Bearer {self.token}"},
-            timeout=15,
-        )
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert "errors" not in body, body
-        data: dict[str, Any] = body["data"]
-        return data
-
-    def load_environments(self) -> None:
-        for env in self.q("{ environments { id name } }")["environments"]:
-            self.environments[env["name"]] = env["id"]
-
-    def create_key(self, **fields: Any) -> tuple[str, str]:
-        data = self.q(
-            """mutation($input: CreateKeyInput!) { createKey(input: $input) {
-                 __typename ... on CreateKeySuccess { secret key { id } }
-                 ... on Error { code message } } }""",
-            {"input": {"environmentId": self.environments["production"], "name": "gw", **fields}},
-        )
-        result = data["createKey"]
-        assert result["__typename"] == "CreateKeySuccess", result
-        return result["key"]["id"], result["secret"]
-
-    def set_status(self, key_id: str, status: str) -> None:
-        data = self.q(
-            "mutation($id: ID!, $s: KeyStatus!) { setStatus(id: $id, status: $s) { __typename } }",
-            {"id": key_id, "s": status},
-        )
-        assert data["setStatus"]["__typename"] == "SetStatusSuccess", data
-
-    def revoke(self, key_id: str) -> None:
-        data = self.q("mutation($id: ID!) { revoke(id: $id) { __typename } }", {"id": key_id})
-        assert data["revoke"]["__typename"] == "RevokeSuccess", data
-
-
-@dataclass
-class Gateway:
-    url: str
-    admin: Admin
-
-    def get(
-        self, token: str | None = None, *, source: str = "127.0.0.1", **kw: Any
-    ) -> httpx.Response:
-        """GET /api/… through nginx from `source` (a loopback address)."""
-        headers = dict(kw.pop("headers", {}))
-        if token is not None:
-            headers.setdefault("Authorization", f"Bearer {token}")
-        transport = httpx.HTTPTransport(local_address=source)
-        with httpx.Client(transport=transport, timeout=15) as client:
-            return client.request(
-                kw.pop("method", "GET"),
-                f"{self.url}{kw.pop('path', '/api/report')}",
-                headers=headers,
-                **kw,
-            )
-
-
 @pytest.fixture(scope="module")
 def gateway(
     nginx: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    token = cli_bootstrap(database_url)
+    token = cli_bootstrap(database_url, "nginx")
     with live_server(database_url) as base_url:
         admin = Admin(base_url, token)
         admin.load_environments()
@@ -392,7 +252,7 @@ def test_keyplane_unavailable_503_becomes_500_and_never_reaches_the_backend(
     # key it has not cached cannot be decided: Keyplane answers 503 UNAVAILABLE.
     database = tmp_path / "unavailable.sqlite3"
     url = f"sqlite://{database}"
-    token = cli_bootstrap(url)
+    token = cli_bootstrap(url, "nginx")
     with live_server(url) as base_url:
         admin = Admin(base_url, token)
         admin.load_environments()

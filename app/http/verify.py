@@ -39,7 +39,9 @@ from app.verifier import (
     Decision,
     RequestFacts,
     decide_malformed,
+    decide_missing,
     decide_unavailable,
+    decide_unknown,
     judge,
     precheck,
 )
@@ -168,7 +170,8 @@ class VerifyEndpoint:
             ip=ip_text,
             origin=facts.origin,
             message=decision.message,
-            token=token,
+            # Only a token that passed the shape check can name a workspace by its prefix.
+            prefix=token.partition("_")[0] if decision is decide_unknown() and token else None,
         )
         payload = self._render(decision, entry)
         await send(
@@ -187,7 +190,7 @@ class VerifyEndpoint:
         """The decision, and the cache entry it came from when it was answered from memory."""
         token = facts.token
         if token is None:
-            return precheck(facts) or decide_malformed(), None
+            return decide_missing(), None
         if len(token) > MAX_TOKEN_LENGTH:
             return decide_malformed(), None
         secret_hash = hash_secret(token)
