@@ -7,11 +7,13 @@ the entries are dropped before the mutation returns (other processes hear it thr
 app.invalidation).
 
 Safety net: every `cache_refresh_seconds` a background task re-reads every cached key in bulk
-(1,000 per query, a handful of columns, no ORM objects), replaces the records that changed and
-drops the keys that are gone; a positive entry stays fresh for two refresh periods after it was
-last confirmed, so a hot key is never reloaded on the request path and a lost notification
-lives at most one refresh period. When the database cannot be reached, an entry confirmed less
-than `max_staleness_seconds` ago is still served; otherwise the caller gets Unavailable.
+(REFRESH_CHUNK per query; on PostgreSQL only a fingerprint the database computes per row, then
+whole rows for the keys whose fingerprint moved; no ORM objects), replaces the records that
+changed and drops the keys that are gone; a positive entry stays fresh for two refresh periods
+after it was last confirmed, so a hot key is never reloaded on the request path and a lost
+notification lives at most one refresh period. When the database cannot be reached, an entry
+confirmed less than `max_staleness_seconds` ago is still served; otherwise the caller gets
+Unavailable.
 
 Fault handling (tests/test_faults.py): every way the database can fail (`app.db.DATABASE_ERRORS`,
 including asyncpg's untranslated connection errors during a PostgreSQL restart) means
@@ -51,14 +53,37 @@ REFRESH_CHUNK = 500
 LOOKUP_TIMEOUT_SECONDS = 2.0  # a request-path lookup; a healthy one takes milliseconds
 MAX_STUCK_LOOKUPS = 1000  # timed-out lookups still running; beyond this, fail at once
 # One joined read per batch of hashes, in plain SQL: no ORM objects, no query building per call.
-_SELECT = """SELECT k.secret_hash, k.public_id, k.type, k.workspace_id, w.public_id AS ws,
-       k.environment_id, e.public_id AS env, k.status, k.permissions, r.permissions AS role,
-       k.allowed_ips, e.authorized_origins, k.expires_at, k.grace_ends_at
+_COLUMNS = (
+    ("k.id", "id"),
+    ("k.public_id", "public_id"),
+    ("k.type", "type"),
+    ("k.workspace_id", "workspace_id"),
+    ("w.public_id", "ws"),
+    ("k.environment_id", "environment_id"),
+    ("e.public_id", "env"),
+    ("k.status", "status"),
+    ("k.permissions", "permissions"),
+    ("r.permissions", "role"),
+    ("k.allowed_ips", "allowed_ips"),
+    ("e.authorized_origins", "authorized_origins"),
+    ("k.expires_at", "expires_at"),
+    ("k.grace_ends_at", "grace_ends_at"),
+)
+_FROM = """
 FROM api_keys k
 JOIN workspaces w ON w.id = k.workspace_id
 JOIN environments e ON e.id = k.environment_id
 LEFT JOIN roles r ON r.id = k.role_id
 WHERE """
+_SELECTED = "SELECT k.secret_hash, " + ", ".join(f"{expr} AS {name}" for expr, name in _COLUMNS)
+_SELECT = _SELECTED + _FROM
+# PostgreSQL computes each row's fingerprint itself, so the safety-net refresh reads two columns
+# per key and rebuilds only the records whose fingerprint moved.
+_PG_FINGERPRINT = "hashtextextended(ROW(" + ", ".join(expr for expr, _ in _COLUMNS) + ")::text, 0)"
+_PG_SELECT = f"{_SELECTED}, {_PG_FINGERPRINT} AS fp{_FROM}"
+_PG_FINGERPRINTS = (
+    f"SELECT k.secret_hash, {_PG_FINGERPRINT}{_FROM}k.secret_hash = ANY($1::varchar[])"
+)
 
 
 class Unavailable(Exception):
@@ -81,6 +106,7 @@ def record_from_model(key: ApiKey) -> KeyRecord:
         permissions.update(key.role.permissions)
     return KeyRecord(
         key_id=key.public_id,
+        key_pk=key.id,
         key_type=key.type.value,
         workspace_pk=key.workspace_id,
         workspace_id=key.workspace.public_id,
@@ -116,6 +142,7 @@ def record_from_row(row: dict[str, Any]) -> KeyRecord:
     permissions.update(_json(row["role"]) or ())
     return KeyRecord(
         key_id=row["public_id"],
+        key_pk=int(row["id"]),
         key_type=str(row["type"]),
         workspace_pk=int(row["workspace_id"]),
         workspace_id=row["ws"],
@@ -134,7 +161,10 @@ def record_from_row(row: dict[str, Any]) -> KeyRecord:
 
 
 def fingerprint(row: dict[str, Any]) -> int:
-    """A summary of a row as read: an unchanged key is confirmed without being rebuilt."""
+    """A summary of a row as read: an unchanged key is confirmed without being rebuilt
+    (computed by PostgreSQL itself; on SQLite, from the values)."""
+    if "fp" in row:
+        return int(row["fp"])
     return hash(tuple(row.values()))
 
 
@@ -144,13 +174,25 @@ async def load_rows(secret_hashes: Sequence[str]) -> dict[str, dict[str, Any]]:
         return {}
     connection = connections.get("default")
     if connection.capabilities.dialect == "postgres":
-        sql = _SELECT + "k.secret_hash = ANY($1::varchar[])"
+        sql = _PG_SELECT + "k.secret_hash = ANY($1::varchar[])"
         values: list[Any] = [list(secret_hashes)]
     else:
         sql = _SELECT + f"k.secret_hash IN ({','.join('?' * len(secret_hashes))})"
         values = list(secret_hashes)
     rows = await connection.execute_query_dict(sql, values)
     return {row["secret_hash"]: row for row in rows}
+
+
+async def load_fingerprints(secret_hashes: Sequence[str]) -> dict[str, int]:
+    """The fingerprints of those hashes that name a key (one query; on PostgreSQL two narrow
+    columns instead of the whole row)."""
+    if not secret_hashes:
+        return {}
+    connection = connections.get("default")
+    if connection.capabilities.dialect != "postgres":
+        return {h: fingerprint(row) for h, row in (await load_rows(secret_hashes)).items()}
+    _, rows = await connection.execute_query(_PG_FINGERPRINTS, [list(secret_hashes)])
+    return {row[0]: int(row[1]) for row in rows}
 
 
 async def load_records(secret_hashes: Sequence[str]) -> dict[str, KeyRecord]:
@@ -202,6 +244,13 @@ class KeyCache:
             self.hits += 1
             return entry
         return None
+
+    def holding(self, secret_hash: str, record: KeyRecord | None) -> CacheEntry | None:
+        """The cached entry for this hash if it holds exactly `record` (no hit is counted)."""
+        entry = self._entries.get(secret_hash)
+        if entry is None or record is None or entry.record is not record:
+            return None
+        return entry
 
     async def get(self, secret_hash: str) -> KeyRecord | None:
         """The record for this hash (None when unknown); raises Unavailable when it cannot be
@@ -282,37 +331,44 @@ class KeyCache:
     async def refresh(self) -> tuple[int, int]:
         """Re-read every cached key in bulk: replace changed records, drop deleted keys, and
         confirm the rest for another two refresh periods. Returns (checked, changed or gone).
-        An entry invalidated or refilled while its chunk was being read is left alone; an
-        unchanged row (same fingerprint) is confirmed without rebuilding its record."""
+        Each chunk reads the rows' fingerprints first, then whole rows only for the keys whose
+        fingerprint moved. An entry invalidated or refilled while its chunk was being read is
+        left alone."""
         hashes = [h for h, entry in self._entries.items() if entry.record is not None]
         checked = changed = 0
         ttl = 2 * self.settings.cache_refresh_seconds
         for start in range(0, len(hashes), REFRESH_CHUNK):
             chunk = hashes[start : start + REFRESH_CHUNK]
             before = {h: self._entries.get(h) for h in chunk}
-            rows = await load_rows(chunk)
+            sources = await load_fingerprints(chunk)
+            moved = [
+                h
+                for h, old in before.items()
+                if old is not None and sources.get(h, old.source) != old.source
+            ]
+            moved_set = set(moved)
+            rows = await load_rows(moved) if moved else {}
             now = time.monotonic()
             for secret_hash, old in before.items():
                 if old is None or self._entries.get(secret_hash) is not old:
                     continue
                 checked += 1
                 row = rows.get(secret_hash)
-                if row is None:
-                    self._generation += 1
+                if secret_hash not in sources or (row is None and secret_hash in moved_set):
+                    self._generation += 1  # gone (deleted, or deleted between the two reads)
                     del self._entries[secret_hash]
                     changed += 1
                     continue
-                source = fingerprint(row)
-                if source != old.source:
+                if row is not None:
                     record = record_from_row(row)
                     if record != old.record:
                         self._generation += 1
                         self._entries[secret_hash] = CacheEntry(
-                            record, now + ttl, now, None, source
+                            record, now + ttl, now, None, fingerprint(row)
                         )
                         changed += 1
                         continue
-                    old.source = source
+                    old.source = fingerprint(row)
                 old.fresh_until = now + ttl
                 old.filled_at = now
             await asyncio.sleep(0)  # let requests through between chunks

@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp
 from tortoise.contrib.starlette import RegisterTortoise
 
 from app import log_policy
@@ -77,27 +77,31 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 await usage.stop()
                 await activity.stop()
 
-    middleware = []
+    # CORS wraps /graphql only: a preflight-shaped request that a gateway forwards to
+    # /v1/verify must reach the verifier, never be answered 200 by the CORS layer.
+    graphql_app: ASGIApp = graphql
+    graphql_methods = ["GET", "POST"]
     if settings.cors_origins:
-        middleware.append(
-            Middleware(
-                CORSMiddleware,
-                allow_origins=list(settings.cors_origins),
-                allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Authorization", "Content-Type"],
-                allow_credentials=True,
-                max_age=600,
-            )
+        graphql_app = CORSMiddleware(
+            graphql,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+            allow_credentials=True,
+            max_age=600,
         )
+        graphql_methods.append("OPTIONS")
     app = Starlette(
         routes=[
-            Route("/graphql", graphql, methods=["GET", "POST"]),
+            Route("/graphql", graphql_app, methods=graphql_methods),
             Route("/v1/verify", verify, methods=["GET", "POST"]),
+            # Gateways that append the original path and keep its method (Envoy ext_authz
+            # `path_prefix`); no `methods`: every method reaches the check.
+            Route("/v1/verify/{rest:path}", verify.gateway_view()),
             Route("/governance/health", health, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Mount(ASSETS_PATH, app=graphiql_assets(), name="graphiql-assets"),
         ],
-        middleware=middleware,
         lifespan=lifespan,
     )
     app.state.services = services

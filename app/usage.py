@@ -53,15 +53,53 @@ MESSAGE_LIMIT = 200
 ORIGIN_LIMIT = 300
 
 
+WRITE_CHUNK = 2000  # (key, hour) rows per flush statement on PostgreSQL
+
+_BUCKET_UPSERT = """ON CONFLICT (key_id, bucket_start) DO UPDATE SET
+    total_requests = b.total_requests + EXCLUDED.total_requests,
+    successful_requests = b.successful_requests + EXCLUDED.successful_requests,
+    failed_requests = b.failed_requests + EXCLUDED.failed_requests"""
+_BUCKET_INSERT = """INSERT INTO usage_buckets AS b (workspace_id, environment_id, key_id,
+    bucket_start, total_requests, successful_requests, failed_requests)"""
+_PG_WRITE_BUCKETS = f"""{_BUCKET_INSERT}
+SELECT * FROM unnest($1::int[], $2::int[], $3::varchar[], $4::timestamptz[], $5::bigint[],
+                     $6::bigint[], $7::bigint[])
+{_BUCKET_UPSERT}"""
+# The keys' lifetime counters ($1-$5, one row per key) and their hourly buckets ($6-$12, one
+# row per key and hour) in one statement.
+_PG_WRITE_KEYS = f"""WITH lifetime AS (
+    UPDATE api_keys AS k SET
+        total_requests = k.total_requests + v.total,
+        successful_requests = k.successful_requests + v.ok,
+        failed_requests = k.failed_requests + v.failed,
+        last_used_at = GREATEST(k.last_used_at, v.last_used)
+    FROM unnest($1::int[], $2::bigint[], $3::bigint[], $4::bigint[], $5::timestamptz[])
+        AS v(key_pk, total, ok, failed, last_used)
+    WHERE k.id = v.key_pk
+)
+{_BUCKET_INSERT}
+SELECT * FROM unnest($6::int[], $7::int[], $8::varchar[], $9::timestamptz[], $10::bigint[],
+                     $11::bigint[], $12::bigint[])
+{_BUCKET_UPSERT}"""
+
+
+def _key_order(item: tuple[tuple[str, datetime], _Counts]) -> tuple[int, datetime]:
+    return item[1].key_pk, item[0][1]
+
+
 def hour_of(moment: datetime) -> datetime:
     """The start of the UTC hour holding `moment` (the bucket it is counted in)."""
     return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Counts:
+    """One key's verifications in one hour (the unit a flush writes), or one environment's."""
+
+    key_pk: int
     workspace_pk: int
     environment_pk: int
+    environment_id: str
     total: int = 0
     successful: int = 0
     failed: int = 0
@@ -91,16 +129,51 @@ class _Denial:
 
 @dataclass
 class _Buffers:
-    keys: dict[str, _Counts] = field(default_factory=dict)  # key ID -> lifetime deltas
-    buckets: dict[tuple[str, datetime], _Counts] = field(default_factory=dict)
+    # (key ID, hour) -> that key's counts in that hour. One entry per key and hour is all a
+    # verification touches; a flush derives the keys' lifetime deltas and the environments'
+    # buckets from these.
+    keys: dict[tuple[str, datetime], _Counts] = field(default_factory=dict)
     denials: list[_Denial] = field(default_factory=list)
     folded: dict[tuple[str, str, str | None, datetime], _Denial] = field(default_factory=dict)
 
     def empty(self) -> bool:
-        return not (self.keys or self.buckets or self.denials or self.folded)
+        return not (self.keys or self.denials or self.folded)
 
     def requests(self) -> int:
         return sum(c.total for c in self.keys.values())
+
+    def lifetimes(self) -> dict[str, _Counts]:
+        """Per key ID: its deltas summed over the hours in this batch."""
+        out: dict[str, _Counts] = {}
+        for (key_id, _), counts in self.keys.items():
+            seen = out.get(key_id)
+            if seen is None:
+                out[key_id] = _Counts(
+                    counts.key_pk,
+                    counts.workspace_pk,
+                    counts.environment_pk,
+                    counts.environment_id,
+                    counts.total,
+                    counts.successful,
+                    counts.failed,
+                    counts.last_used,
+                )
+            else:
+                seen.add(counts)
+        return out
+
+    def environments(self) -> dict[tuple[str, datetime], _Counts]:
+        """Per (environment public ID, hour): the sum of its keys' counts."""
+        out: dict[tuple[str, datetime], _Counts] = {}
+        for (_, hour), counts in self.keys.items():
+            marker = (counts.environment_id, hour)
+            seen = out.get(marker)
+            if seen is None:
+                seen = out[marker] = _Counts(
+                    0, counts.workspace_pk, counts.environment_pk, counts.environment_id
+                )
+            seen.add(counts)
+        return out
 
 
 class UsageRecorder:
@@ -187,29 +260,19 @@ class UsageRecorder:
         return start
 
     def _count(self, key: KeyRecord, now: datetime, valid: bool) -> None:
-        buffers = self._buffers
-        hour = self._hour(now)
-        lifetime = buffers.keys.get(key.key_id)
-        if lifetime is None:
-            lifetime = buffers.keys[key.key_id] = _Counts(key.workspace_pk, key.environment_pk)
-        per_key = buffers.buckets.get((key.key_id, hour))
-        if per_key is None:
-            per_key = buffers.buckets[(key.key_id, hour)] = _Counts(
-                key.workspace_pk, key.environment_pk
+        marker = (key.key_id, self._hour(now))
+        counts = self._buffers.keys.get(marker)
+        if counts is None:
+            counts = self._buffers.keys[marker] = _Counts(
+                key.key_pk, key.workspace_pk, key.environment_pk, key.environment_id
             )
-        per_env = buffers.buckets.get((key.environment_id, hour))
-        if per_env is None:
-            per_env = buffers.buckets[(key.environment_id, hour)] = _Counts(
-                key.workspace_pk, key.environment_pk
-            )
-        for counts in (lifetime, per_key, per_env):
-            counts.total += 1
-            if valid:
-                counts.successful += 1
-            else:
-                counts.failed += 1
-        if valid and (lifetime.last_used is None or now > lifetime.last_used):
-            lifetime.last_used = now
+        counts.total += 1
+        if valid:
+            counts.successful += 1
+            if counts.last_used is None or now > counts.last_used:
+                counts.last_used = now
+        else:
+            counts.failed += 1
 
     # -- writing --------------------------------------------------------------------------
     @property
@@ -252,14 +315,10 @@ class UsageRecorder:
 
     def _merge_back(self, batch: _Buffers) -> None:
         current = self._buffers
-        for key_id, counts in batch.keys.items():
-            if key_id in current.keys:
-                counts.add(current.keys[key_id])
-            current.keys[key_id] = counts
-        for marker, counts in batch.buckets.items():
-            if marker in current.buckets:
-                counts.add(current.buckets[marker])
-            current.buckets[marker] = counts
+        for marker, counts in batch.keys.items():
+            if marker in current.keys:
+                counts.add(current.keys[marker])
+            current.keys[marker] = counts
         room = MAX_DENIAL_ROWS - len(current.denials)
         current.denials[:0] = batch.denials[:room]
         for overflow in batch.denials[room:]:
@@ -330,56 +389,58 @@ class UsageRecorder:
 
     @staticmethod
     async def _write_counts_postgres(conn: BaseDBAsyncClient, batch: _Buffers) -> None:
-        """Two statements whatever the batch size: an UPDATE … FROM unnest for the keys and an
-        INSERT … ON CONFLICT upsert for the buckets."""
+        """One statement per WRITE_CHUNK (key, hour) rows, each updating the keys' lifetime
+        counters (by primary key) and upserting their hourly buckets, then one for the
+        environments' buckets. Rows go in key order, so two processes flushing the same keys
+        lock them in the same order; the event loop gets a turn between chunks."""
         execute = conn.execute_query
-        if batch.keys:
-            ids = list(batch.keys)
-            counts = [batch.keys[k] for k in ids]
+        rows = sorted(batch.keys.items(), key=_key_order)
+        for start in range(0, len(rows), WRITE_CHUNK):
+            chunk = rows[start : start + WRITE_CHUNK]
+            lifetime: dict[int, _Counts] = {}
+            for _, counts in chunk:
+                seen = lifetime.get(counts.key_pk)
+                if seen is None:
+                    lifetime[counts.key_pk] = _Counts(counts.key_pk, 0, 0, "")
+                    seen = lifetime[counts.key_pk]
+                seen.add(counts)
+            totals = list(lifetime.values())
             await execute(
-                """UPDATE api_keys AS k SET
-                       total_requests = k.total_requests + v.total,
-                       successful_requests = k.successful_requests + v.ok,
-                       failed_requests = k.failed_requests + v.failed,
-                       last_used_at = GREATEST(k.last_used_at, v.last_used)
-                   FROM unnest($1::varchar[], $2::bigint[], $3::bigint[], $4::bigint[],
-                               $5::timestamptz[]) AS v(public_id, total, ok, failed, last_used)
-                   WHERE k.public_id = v.public_id""",
+                _PG_WRITE_KEYS,
                 [
-                    ids,
-                    [c.total for c in counts],
-                    [c.successful for c in counts],
-                    [c.failed for c in counts],
-                    [c.last_used for c in counts],
+                    [c.key_pk for c in totals],
+                    [c.total for c in totals],
+                    [c.successful for c in totals],
+                    [c.failed for c in totals],
+                    [c.last_used for c in totals],
+                    [c.workspace_pk for _, c in chunk],
+                    [c.environment_pk for _, c in chunk],
+                    [marker[0] for marker, _ in chunk],
+                    [marker[1] for marker, _ in chunk],
+                    [c.total for _, c in chunk],
+                    [c.successful for _, c in chunk],
+                    [c.failed for _, c in chunk],
                 ],
             )
-        if batch.buckets:
-            markers = list(batch.buckets)
-            rows = [batch.buckets[m] for m in markers]
+        environments = sorted(batch.environments().items())
+        if environments:
             await execute(
-                """INSERT INTO usage_buckets AS b (workspace_id, environment_id, key_id,
-                       bucket_start, total_requests, successful_requests, failed_requests)
-                   SELECT * FROM unnest($1::int[], $2::int[], $3::varchar[], $4::timestamptz[],
-                                        $5::bigint[], $6::bigint[], $7::bigint[])
-                   ON CONFLICT (key_id, bucket_start) DO UPDATE SET
-                       total_requests = b.total_requests + EXCLUDED.total_requests,
-                       successful_requests = b.successful_requests + EXCLUDED.successful_requests,
-                       failed_requests = b.failed_requests + EXCLUDED.failed_requests""",
+                _PG_WRITE_BUCKETS,
                 [
-                    [r.workspace_pk for r in rows],
-                    [r.environment_pk for r in rows],
-                    [m[0] for m in markers],
-                    [m[1] for m in markers],
-                    [r.total for r in rows],
-                    [r.successful for r in rows],
-                    [r.failed for r in rows],
+                    [c.workspace_pk for _, c in environments],
+                    [c.environment_pk for _, c in environments],
+                    [marker[0] for marker, _ in environments],
+                    [marker[1] for marker, _ in environments],
+                    [c.total for _, c in environments],
+                    [c.successful for _, c in environments],
+                    [c.failed for _, c in environments],
                 ],
             )
 
     @staticmethod
     async def _write_counts_orm(conn: BaseDBAsyncClient, batch: _Buffers) -> None:
         """SQLite (one process): per-key increments through the ORM, buckets read then upserted."""
-        for key_id, c in batch.keys.items():
+        for key_id, c in batch.lifetimes().items():
             await (
                 ApiKey.filter(public_id=key_id)
                 .using_db(conn)
@@ -396,17 +457,18 @@ class UsageRecorder:
                     .using_db(conn)
                     .update(last_used_at=c.last_used)
                 )
-        if not batch.buckets:
+        buckets = {**batch.keys, **batch.environments()}
+        if not buckets:
             return
         existing = {
             (b.key_id, b.bucket_start): b
             for b in await UsageBucket.filter(
-                key_id__in={m[0] for m in batch.buckets},
-                bucket_start__in={m[1] for m in batch.buckets},
+                key_id__in={m[0] for m in buckets},
+                bucket_start__in={m[1] for m in buckets},
             ).using_db(conn)
         }
         new: list[UsageBucket] = []
-        for (key_id, start), c in batch.buckets.items():
+        for (key_id, start), c in buckets.items():
             row = existing.get((key_id, start))
             if row is None:
                 new.append(

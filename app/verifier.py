@@ -31,6 +31,7 @@ class KeyRecord:
     """Everything a verification needs to know about one key, as the cache holds it."""
 
     key_id: str  # public key ID (key_…)
+    key_pk: int  # api_keys.id (the usage flush updates counters by it)
     key_type: str  # "SERVER" | "MOBILE" | "CLIENT_SIDE"
     workspace_pk: int
     workspace_id: str  # public ws_…

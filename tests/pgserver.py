@@ -36,7 +36,8 @@ def free_port() -> int:
 class PostgresServer:
     """Start, stop and restart a private PostgreSQL server (fault tests stop it on purpose)."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: str = "") -> None:
+        self.settings = settings  # extra `-c name=value` options for the server
         self.dir = Path(tempfile.mkdtemp(prefix="keyplane-pg-"))
         self.data = self.dir / "data"
         self.port = free_port()
@@ -59,7 +60,8 @@ class PostgresServer:
     def start(self) -> None:
         options = (
             f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200 "
+            + self.settings
         )
         self._run(
             _bin("pg_ctl"),

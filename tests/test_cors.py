@@ -91,3 +91,18 @@ def test_cors_origins_are_normalised() -> None:
         "https://a.example.com",
         "http://b.example.com:8080",
     )
+
+
+@pytest.mark.parametrize("path", ["/v1/verify", "/v1/verify/api/items"])
+async def test_cors_does_not_answer_for_the_verifier(
+    cors_client: httpx.AsyncClient, path: str
+) -> None:
+    # A gateway that forwards every header (Traefik without authRequestHeaders) sends a
+    # preflight-shaped OPTIONS to the verifier: it must be refused for lack of a key, not
+    # answered 200 by the CORS layer (which would let the request through the gateway).
+    response = await cors_client.request("OPTIONS", path, headers=_preflight(DASHBOARD))
+    assert response.status_code != 200
+    assert "access-control-allow-origin" not in response.headers
+    if path != "/v1/verify":
+        assert response.status_code == 401
+        assert response.json()["code"] == "MISSING_KEY"

@@ -504,6 +504,7 @@ def records(draw: st.DrawFn) -> KeyRecord:
         permissions = permissions | {"*"}
     return KeyRecord(
         key_id="key_" + "A" * 22,
+        key_pk=3,
         key_type=draw(st.sampled_from(["SERVER", "MOBILE", "CLIENT_SIDE"])),
         workspace_pk=1,
         workspace_id="ws_" + "B" * 22,

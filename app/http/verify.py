@@ -1,6 +1,12 @@
 """`GET|POST /v1/verify`: a thin adapter that reads the request, asks the key cache and the
 shared verifier (app.verifier), and writes the contract's response. No secret is ever echoed.
 
+`/v1/verify/<any path>` (any method) is the same check for gateways that append the original
+request's path and keep its method (Envoy ext_authz `path_prefix`, Traefik ForwardAuth
+`preserveRequestMethod`): its query string counts as on `/v1/verify`, and its body, when one
+comes, is the caller's own payload, so it is never read as a verification request. HEAD
+answers carry the headers of the GET answer and no body.
+
 This is the hot path, so it is a plain ASGI callable rather than a Starlette endpoint: it reads
 the few headers it needs in one pass over the raw list, and writes the response messages itself.
 The steps, whichever way the key arrives:
@@ -18,6 +24,7 @@ The steps, whichever way the key arrives:
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from datetime import datetime
@@ -48,6 +55,7 @@ from app.verifier import (
 
 JSON_HEADERS = (b"content-type", b"application/json")
 MEMO_SIZE = 4096
+NO_BODY: dict[str, Any] = {}  # read only, never mutated
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -86,7 +94,9 @@ def body_of(decision: Decision) -> bytes:
 
 
 class VerifyEndpoint:
-    """The ASGI app behind `/v1/verify`."""
+    """The ASGI app behind `/v1/verify` (and, through `gateway_view`, `/v1/verify/<path>`)."""
+
+    reads_body = True  # False on the gateway view: a body there is the caller's payload
 
     def __init__(
         self,
@@ -108,6 +118,13 @@ class VerifyEndpoint:
         self._refusal_bodies: dict[tuple[Code, str], bytes] = {}
         self._origins: dict[str, str | None] = {}
 
+    def gateway_view(self) -> VerifyEndpoint:
+        """The same endpoint (same cache, recorders and memos) for `/v1/verify/<path>`, which
+        never reads a body."""
+        view = copy.copy(self)
+        view.reads_body = False
+        return view
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         authorization = api_key = permissions_header = origin_header = None
@@ -123,7 +140,15 @@ class VerifyEndpoint:
                 permissions_header = value.decode("latin-1")
             elif name == b"origin":
                 origin_header = value.decode("latin-1")
-        body = await self._read_body(receive) if scope["method"] == "POST" else {}
+        body = NO_BODY
+        bodiless = False
+        method = scope["method"]
+        if method != "GET":
+            if method == "POST":
+                if self.reads_body:
+                    body = await self._read_body(receive)
+            elif method == "HEAD":
+                bodiless = True
 
         token: str | None = None
         if authorization and authorization[:7].lower() == "bearer ":
@@ -181,7 +206,7 @@ class VerifyEndpoint:
                 "headers": [JSON_HEADERS, (b"content-length", str(len(payload)).encode())],
             }
         )
-        await send({"type": "http.response.body", "body": payload})
+        await send({"type": "http.response.body", "body": b"" if bodiless else payload})
         self.metrics.observe_verification(decision.code.value, time.perf_counter() - started)
 
     async def _decide(
@@ -204,7 +229,8 @@ class VerifyEndpoint:
             record = await self.cache.get(secret_hash)
         except Unavailable:
             return decide_unavailable(), None
-        return judge(facts, record, now), None
+        # The entry just filled (when it was stored), so a VALID body is rendered once per fill.
+        return judge(facts, record, now), self.cache.holding(secret_hash, record)
 
     async def _read_body(self, receive: Receive) -> dict[str, Any]:
         """The JSON body as a dict; an empty, oversized or unparseable body counts as none."""
