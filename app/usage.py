@@ -3,10 +3,19 @@
 `/v1/verify` calls `record` (O(1), no I/O); a background task calls `flush` every flush interval
 and once more on shutdown. A flush writes, in one transaction:
 
-- the keys' lifetime counters (total / successful / failed) and `last_used_at`;
-- hourly usage buckets per key, and one per environment (`key_id` = the environment's public
-  ID), so the `usage` query reads pre-aggregated rows and never scans raw events;
+- hourly usage buckets per key (counts and the latest use), and one per environment
+  (`key_id` = the environment's public ID), so the `usage` query reads pre-aggregated rows and
+  never scans raw events;
 - the buffered denial rows.
+
+A key's lifetime counters (`api_keys` total / successful / failed and `last_used_at`) are not
+written every second: a key bucket is *pending* until the roll-up (every minute, for the hours
+before the current one) adds it to its key's counters and marks it rolled, and a key's totals
+are its counters plus its pending buckets (`pending_usage`, one indexed read for a page of
+keys). So a flush writes one row per key in use, not two, and the figures are exact at every
+moment. A late write into an hour already rolled up (a batch kept through a database outage)
+adds to the key's counters itself, in the same statement; the roll-up skips buckets a flush
+holds, so each delta is counted once whichever runs first, with any number of processes.
 
 Counting rules (CONTRACT §4): a VALID verification adds a successful request and sets
 `lastUsedAt`; a refusal that names a known key adds a failed request. Every refusal is a denial.
@@ -30,9 +39,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.expressions import F, Q
+from tortoise.functions import Max, Sum
 from tortoise.transactions import in_transaction
 
 from app.background import Periodic
@@ -54,33 +65,60 @@ ORIGIN_LIMIT = 300
 
 
 WRITE_CHUNK = 2000  # (key, hour) rows per flush statement on PostgreSQL
+ROLLUP_CHUNK = 5000  # closed buckets added to their keys' counters per roll-up statement
+ROLLUP_EVERY_SECONDS = 60.0
 
+_BUCKET_INSERT = """INSERT INTO usage_buckets AS b (workspace_id, environment_id, key_id,
+    bucket_start, total_requests, successful_requests, failed_requests, last_used_at, rolled)"""
 _BUCKET_UPSERT = """ON CONFLICT (key_id, bucket_start) DO UPDATE SET
     total_requests = b.total_requests + EXCLUDED.total_requests,
     successful_requests = b.successful_requests + EXCLUDED.successful_requests,
-    failed_requests = b.failed_requests + EXCLUDED.failed_requests"""
-_BUCKET_INSERT = """INSERT INTO usage_buckets AS b (workspace_id, environment_id, key_id,
-    bucket_start, total_requests, successful_requests, failed_requests)"""
-_PG_WRITE_BUCKETS = f"""{_BUCKET_INSERT}
-SELECT * FROM unnest($1::int[], $2::int[], $3::varchar[], $4::timestamptz[], $5::bigint[],
-                     $6::bigint[], $7::bigint[])
+    failed_requests = b.failed_requests + EXCLUDED.failed_requests,
+    last_used_at = GREATEST(b.last_used_at, EXCLUDED.last_used_at)"""
+_ADD_TO_KEYS = """UPDATE api_keys AS k SET
+        total_requests = k.total_requests + s.total,
+        successful_requests = k.successful_requests + s.ok,
+        failed_requests = k.failed_requests + s.failed,
+        last_used_at = GREATEST(k.last_used_at, s.last_used)"""
+# Environment buckets: never pending (they are not part of any key's counters).
+_PG_WRITE_ENVIRONMENTS = f"""{_BUCKET_INSERT}
+SELECT *, TRUE FROM unnest($1::int[], $2::int[], $3::varchar[], $4::timestamptz[],
+                           $5::bigint[], $6::bigint[], $7::bigint[], $8::timestamptz[])
 {_BUCKET_UPSERT}"""
-# The keys' lifetime counters ($1-$5, one row per key) and their hourly buckets ($6-$12, one
-# row per key and hour) in one statement.
-_PG_WRITE_KEYS = f"""WITH lifetime AS (
-    UPDATE api_keys AS k SET
-        total_requests = k.total_requests + v.total,
-        successful_requests = k.successful_requests + v.ok,
-        failed_requests = k.failed_requests + v.failed,
-        last_used_at = GREATEST(k.last_used_at, v.last_used)
-    FROM unnest($1::int[], $2::bigint[], $3::bigint[], $4::bigint[], $5::timestamptz[])
-        AS v(key_pk, total, ok, failed, last_used)
-    WHERE k.id = v.key_pk
+# Key buckets: upserted as pending; a bucket the roll-up already closed (a late write for an
+# earlier hour) also adds its delta to the key's counters, in the same statement.
+_PG_WRITE_KEYS = f"""WITH v AS (
+    SELECT * FROM unnest($1::int[], $2::int[], $3::int[], $4::varchar[], $5::timestamptz[],
+                         $6::bigint[], $7::bigint[], $8::bigint[], $9::timestamptz[])
+        AS v(key_pk, ws, env, key_id, hour, total, ok, failed, last_used)
+), up AS (
+    {_BUCKET_INSERT}
+    SELECT ws, env, key_id, hour, total, ok, failed, last_used, FALSE FROM v
+    {_BUCKET_UPSERT}
+    RETURNING b.key_id, b.bucket_start, b.rolled
 )
-{_BUCKET_INSERT}
-SELECT * FROM unnest($6::int[], $7::int[], $8::varchar[], $9::timestamptz[], $10::bigint[],
-                     $11::bigint[], $12::bigint[])
-{_BUCKET_UPSERT}"""
+{_ADD_TO_KEYS}
+    FROM (SELECT v.key_pk, sum(v.total) AS total, sum(v.ok) AS ok, sum(v.failed) AS failed,
+                 max(v.last_used) AS last_used
+          FROM up JOIN v ON v.key_id = up.key_id AND v.hour = up.bucket_start
+          WHERE up.rolled GROUP BY v.key_pk) AS s
+    WHERE k.id = s.key_pk"""
+# The roll-up: closed key buckets (hours before $1) added to their keys' counters and marked,
+# ROLLUP_CHUNK at a time; rows a flush holds are skipped and taken by a later pass.
+_PG_ROLLUP = f"""WITH c AS (
+    UPDATE usage_buckets AS b SET rolled = TRUE
+    WHERE b.id IN (SELECT id FROM usage_buckets WHERE NOT rolled AND bucket_start < $1
+                   LIMIT $2 FOR UPDATE SKIP LOCKED)
+    RETURNING b.key_id, b.total_requests, b.successful_requests, b.failed_requests,
+              b.last_used_at
+), added AS (
+    {_ADD_TO_KEYS}
+    FROM (SELECT key_id, sum(total_requests) AS total, sum(successful_requests) AS ok,
+                 sum(failed_requests) AS failed, max(last_used_at) AS last_used
+          FROM c GROUP BY key_id) AS s
+    WHERE k.public_id = s.key_id
+)
+SELECT count(*) FROM c"""
 
 
 def _key_order(item: tuple[tuple[str, datetime], _Counts]) -> tuple[int, datetime]:
@@ -176,6 +214,33 @@ class _Buffers:
         return out
 
 
+async def _add_to_key(
+    conn: BaseDBAsyncClient,
+    key_id: str,
+    total: int,
+    successful: int,
+    failed: int,
+    last_used: datetime | None,
+) -> None:
+    """Add deltas to one key's lifetime counters through the ORM (SQLite)."""
+    await (
+        ApiKey.filter(public_id=key_id)
+        .using_db(conn)
+        .update(
+            total_requests=F("total_requests") + total,
+            successful_requests=F("successful_requests") + successful,
+            failed_requests=F("failed_requests") + failed,
+        )
+    )
+    if last_used is not None:
+        await (
+            ApiKey.filter(public_id=key_id)
+            .filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=last_used))
+            .using_db(conn)
+            .update(last_used_at=last_used)
+        )
+
+
 class UsageRecorder:
     """Aggregates verifications in memory and writes them in batches."""
 
@@ -189,6 +254,7 @@ class UsageRecorder:
         self._lock = asyncio.Lock()
         self._loop = Periodic(settings.flush_interval_seconds, self._tick, self._lock)
         self._last_prune = 0.0
+        self._last_rollup = 0.0
         # For /metrics.
         self.last_flush_monotonic = time.monotonic()
         self.flushes = 0
@@ -389,30 +455,18 @@ class UsageRecorder:
 
     @staticmethod
     async def _write_counts_postgres(conn: BaseDBAsyncClient, batch: _Buffers) -> None:
-        """One statement per WRITE_CHUNK (key, hour) rows, each updating the keys' lifetime
-        counters (by primary key) and upserting their hourly buckets, then one for the
+        """One statement per WRITE_CHUNK (key, hour) rows, upserting the keys' hourly buckets
+        as pending (the roll-up adds closed hours to the keys' counters), then one for the
         environments' buckets. Rows go in key order, so two processes flushing the same keys
         lock them in the same order; the event loop gets a turn between chunks."""
         execute = conn.execute_query
         rows = sorted(batch.keys.items(), key=_key_order)
         for start in range(0, len(rows), WRITE_CHUNK):
             chunk = rows[start : start + WRITE_CHUNK]
-            lifetime: dict[int, _Counts] = {}
-            for _, counts in chunk:
-                seen = lifetime.get(counts.key_pk)
-                if seen is None:
-                    lifetime[counts.key_pk] = _Counts(counts.key_pk, 0, 0, "")
-                    seen = lifetime[counts.key_pk]
-                seen.add(counts)
-            totals = list(lifetime.values())
             await execute(
                 _PG_WRITE_KEYS,
                 [
-                    [c.key_pk for c in totals],
-                    [c.total for c in totals],
-                    [c.successful for c in totals],
-                    [c.failed for c in totals],
-                    [c.last_used for c in totals],
+                    [c.key_pk for _, c in chunk],
                     [c.workspace_pk for _, c in chunk],
                     [c.environment_pk for _, c in chunk],
                     [marker[0] for marker, _ in chunk],
@@ -420,12 +474,13 @@ class UsageRecorder:
                     [c.total for _, c in chunk],
                     [c.successful for _, c in chunk],
                     [c.failed for _, c in chunk],
+                    [c.last_used for _, c in chunk],
                 ],
             )
         environments = sorted(batch.environments().items())
         if environments:
             await execute(
-                _PG_WRITE_BUCKETS,
+                _PG_WRITE_ENVIRONMENTS,
                 [
                     [c.workspace_pk for _, c in environments],
                     [c.environment_pk for _, c in environments],
@@ -434,30 +489,17 @@ class UsageRecorder:
                     [c.total for _, c in environments],
                     [c.successful for _, c in environments],
                     [c.failed for _, c in environments],
+                    [c.last_used for _, c in environments],
                 ],
             )
 
     @staticmethod
     async def _write_counts_orm(conn: BaseDBAsyncClient, batch: _Buffers) -> None:
-        """SQLite (one process): per-key increments through the ORM, buckets read then upserted."""
-        for key_id, c in batch.lifetimes().items():
-            await (
-                ApiKey.filter(public_id=key_id)
-                .using_db(conn)
-                .update(
-                    total_requests=F("total_requests") + c.total,
-                    successful_requests=F("successful_requests") + c.successful,
-                    failed_requests=F("failed_requests") + c.failed,
-                )
-            )
-            if c.last_used is not None:
-                await (
-                    ApiKey.filter(public_id=key_id)
-                    .filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=c.last_used))
-                    .using_db(conn)
-                    .update(last_used_at=c.last_used)
-                )
-        buckets = {**batch.keys, **batch.environments()}
+        """SQLite (one process): the same rules through the ORM. Key buckets are written as
+        pending; a late write into a bucket the roll-up already closed also goes to the key's
+        counters."""
+        environments = batch.environments()
+        buckets = {**batch.keys, **environments}
         if not buckets:
             return
         existing = {
@@ -468,6 +510,7 @@ class UsageRecorder:
             ).using_db(conn)
         }
         new: list[UsageBucket] = []
+        late: list[tuple[str, _Counts]] = []
         for (key_id, start), c in buckets.items():
             row = existing.get((key_id, start))
             if row is None:
@@ -480,20 +523,77 @@ class UsageRecorder:
                         total_requests=c.total,
                         successful_requests=c.successful,
                         failed_requests=c.failed,
+                        last_used_at=c.last_used,
+                        rolled=(key_id, start) in environments,
                     )
                 )
-            else:
-                await (
-                    UsageBucket.filter(id=row.id)
-                    .using_db(conn)
-                    .update(
-                        total_requests=F("total_requests") + c.total,
-                        successful_requests=F("successful_requests") + c.successful,
-                        failed_requests=F("failed_requests") + c.failed,
-                    )
-                )
+                continue
+            changes: dict[str, Any] = {
+                "total_requests": F("total_requests") + c.total,
+                "successful_requests": F("successful_requests") + c.successful,
+                "failed_requests": F("failed_requests") + c.failed,
+            }
+            if c.last_used is not None and (
+                row.last_used_at is None or c.last_used > row.last_used_at
+            ):
+                changes["last_used_at"] = c.last_used
+            await UsageBucket.filter(id=row.id).using_db(conn).update(**changes)
+            if row.rolled and (key_id, start) not in environments:
+                late.append((key_id, c))
         if new:
             await UsageBucket.bulk_create(new, batch_size=1000, using_db=conn)
+        for key_id, c in late:
+            await _add_to_key(conn, key_id, c.total, c.successful, c.failed, c.last_used)
+
+    async def rollup(self, now: datetime | None = None) -> int:
+        """Add the key buckets of closed hours (before the current one) to their keys' lifetime
+        counters and mark them; returns how many buckets were closed. Safe with several
+        processes: each bucket is closed exactly once, and a flush racing it either lands
+        before (and is closed with it) or sees it closed (and adds to the key itself)."""
+        cutoff = hour_of(now or self.clock.now())
+        closed = 0
+        while True:
+            async with in_transaction() as conn:
+                if self.settings.is_postgres:
+                    _, rows = await conn.execute_query(_PG_ROLLUP, [cutoff, ROLLUP_CHUNK])
+                    count = int(rows[0][0])
+                else:
+                    count = await self._rollup_orm(conn, cutoff)
+            closed += count
+            if count < ROLLUP_CHUNK:
+                return closed
+            await asyncio.sleep(0)
+
+    @staticmethod
+    async def _rollup_orm(conn: BaseDBAsyncClient, cutoff: datetime) -> int:
+        buckets = (
+            await UsageBucket.filter(rolled=False, bucket_start__lt=cutoff)
+            .limit(ROLLUP_CHUNK)
+            .using_db(conn)
+        )
+        sums: dict[str, _Counts] = {}
+        for b in buckets:
+            sums.setdefault(b.key_id, _Counts(0, 0, 0, "")).add(
+                _Counts(
+                    0,
+                    0,
+                    0,
+                    "",
+                    b.total_requests,
+                    b.successful_requests,
+                    b.failed_requests,
+                    b.last_used_at,
+                )
+            )
+        for key_id, c in sums.items():
+            await _add_to_key(conn, key_id, c.total, c.successful, c.failed, c.last_used)
+        if buckets:
+            await (
+                UsageBucket.filter(id__in=[b.id for b in buckets])
+                .using_db(conn)
+                .update(rolled=True)
+            )
+        return len(buckets)
 
     async def prune(self, now: datetime | None = None) -> int:
         """Delete denial rows older than the retention age; returns how many went."""
@@ -505,6 +605,12 @@ class UsageRecorder:
     # -- the background task --------------------------------------------------------------
     async def _tick(self) -> None:
         await self.flush()
+        if time.monotonic() - self._last_rollup >= ROLLUP_EVERY_SECONDS:
+            self._last_rollup = time.monotonic()
+            try:
+                await self.rollup()
+            except DATABASE_ERRORS as exc:  # nothing is lost: the buckets stay pending
+                logger.warning("usage roll-up failed (%s); retrying later", type(exc).__name__)
         if time.monotonic() - self._last_prune >= PRUNE_EVERY_SECONDS:
             self._last_prune = time.monotonic()
             with contextlib.suppress(*DATABASE_ERRORS):
@@ -523,3 +629,43 @@ class UsageRecorder:
                 self.pending_requests,
                 self.pending_denials,
             )
+
+
+@dataclass(frozen=True)
+class PendingUsage:
+    total: int = 0
+    successful: int = 0
+    failed: int = 0
+    last_used_at: datetime | None = None
+
+
+async def pending_usage(key_ids: list[str]) -> dict[str, PendingUsage]:
+    """Per key ID: its buckets not yet rolled up into its counters (one query)."""
+    if not key_ids:
+        return {}
+    rows = (
+        await UsageBucket.filter(rolled=False, key_id__in=key_ids)
+        .group_by("key_id")
+        .annotate(
+            total=Sum("total_requests"),
+            ok=Sum("successful_requests"),
+            failed=Sum("failed_requests"),
+            latest=Max("last_used_at"),
+        )
+        .values("key_id", "total", "ok", "failed", "latest")
+    )
+    return {
+        r["key_id"]: PendingUsage(
+            int(r["total"] or 0),
+            int(r["ok"] or 0),
+            int(r["failed"] or 0),
+            as_utc(r["latest"]) if r["latest"] is not None else None,
+        )
+        for r in rows
+    }
+
+
+def as_utc(value: datetime | str) -> datetime:
+    """A timestamp read back from either backend (aggregates are text on SQLite), UTC-aware."""
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)

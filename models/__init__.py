@@ -214,6 +214,11 @@ class UsageBucket(Model):
     total_requests = fields.BigIntField(default=0)
     successful_requests = fields.BigIntField(default=0)
     failed_requests = fields.BigIntField(default=0)
+    last_used_at = fields.DatetimeField(null=True)  # the latest VALID verification in the hour
+    # A key's bucket is pending until the hourly roll-up adds it to the key's lifetime counters
+    # (api_keys); a key's totals are its counters plus its pending buckets. Environment
+    # buckets are never part of a key's counters: written as rolled.
+    rolled = fields.BooleanField(default=False)
 
     class Meta:
         table = "usage_buckets"

@@ -10,6 +10,7 @@ from strawberry.types import Info as StrawberryInfo
 
 from app.services import Services
 from app.services.principal import Principal
+from app.usage import PendingUsage, pending_usage
 from models import Environment, Role
 
 
@@ -27,6 +28,14 @@ async def _load_roles(ids: list[int]) -> list[Role | None]:
     return [rows.get(i) for i in ids]
 
 
+async def _load_pending_usage(key_ids: list[str]) -> list[PendingUsage]:
+    pending = await pending_usage(sorted(set(key_ids)))
+    return [pending.get(k, NO_PENDING) for k in key_ids]
+
+
+NO_PENDING = PendingUsage()
+
+
 @dataclass
 class Loaders:
     """Batch loaders: a page of keys costs one query per related table, not one per key."""
@@ -36,6 +45,10 @@ class Loaders:
     )
     role: DataLoader[int, Role | None] = field(
         default_factory=lambda: DataLoader(load_fn=_load_roles)
+    )
+    # A key's buckets not yet rolled into its lifetime counters (app.usage).
+    pending_usage: DataLoader[str, PendingUsage] = field(
+        default_factory=lambda: DataLoader(load_fn=_load_pending_usage)
     )
 
 

@@ -95,6 +95,25 @@ class KeyUsage:
     last_used_at: datetime | None
 
 
+async def _usage(root: ApiKeyType, info: Info) -> KeyUsage:
+    """The key's stored lifetime counters plus its usage buckets not yet rolled into them."""
+    pending = await info.context.loaders.pending_usage.load(str(root.id))
+    counted = root.counted
+    last_used = counted.last_used_at
+    if pending.last_used_at is not None and (last_used is None or pending.last_used_at > last_used):
+        last_used = pending.last_used_at
+    return KeyUsage(
+        total_requests=BigInt(int(counted.total_requests) + pending.total),
+        successful_requests=BigInt(int(counted.successful_requests) + pending.successful),
+        failed_requests=BigInt(int(counted.failed_requests) + pending.failed),
+        last_used_at=last_used,
+    )
+
+
+async def _last_used_at(root: ApiKeyType, info: Info) -> datetime | None:
+    return (await _usage(root, info)).last_used_at
+
+
 @strawberry.type(name="ApiKey")
 class ApiKeyType:
     id: strawberry.ID = strawberry.field(description="Public key ID (key_…), safe to log.")
@@ -106,15 +125,17 @@ class ApiKeyType:
     permissions: list[str]
     allowed_ips: list[str]
     created_at: datetime
-    last_used_at: datetime | None
+    last_used_at: datetime | None = strawberry.field(resolver=_last_used_at)
     expires_at: datetime | None
     revoked_at: datetime | None
     grace_ends_at: datetime | None
     rotated_from_id: strawberry.ID | None
     rotated_to_id: strawberry.ID | None
-    usage: KeyUsage
+    usage: KeyUsage = strawberry.field(resolver=_usage)
     environment_pk: strawberry.Private[int]
     role_pk: strawberry.Private[int | None]
+    # The key's lifetime counters as stored; its pending usage buckets are added on read.
+    counted: strawberry.Private[KeyUsage]
 
     @strawberry.field
     async def environment(self, info: Info) -> EnvironmentType:
@@ -157,20 +178,19 @@ class ApiKeyType:
             permissions=list(key.permissions),
             allowed_ips=list(key.allowed_ips),
             created_at=key.created_at,
-            last_used_at=key.last_used_at,
             expires_at=key.expires_at,
             revoked_at=key.revoked_at,
             grace_ends_at=key.grace_ends_at,
             rotated_from_id=strawberry.ID(key.rotated_from) if key.rotated_from else None,
             rotated_to_id=strawberry.ID(key.rotated_to) if key.rotated_to else None,
-            usage=KeyUsage(
+            environment_pk=key.environment_id,
+            role_pk=key.role_id,
+            counted=KeyUsage(
                 total_requests=BigInt(key.total_requests),
                 successful_requests=BigInt(key.successful_requests),
                 failed_requests=BigInt(key.failed_requests),
                 last_used_at=key.last_used_at,
             ),
-            environment_pk=key.environment_id,
-            role_pk=key.role_id,
         )
 
 

@@ -362,12 +362,22 @@ class Load:
 
 
 async def key_counters(url: str, key_ids: list[str]) -> dict[str, tuple[int, int, int]]:
-    """(total, successful, failed) per key, read straight from the api_keys table."""
+    """(total, successful, failed) per key, read straight from the tables: the key's lifetime
+    counters plus its usage buckets not yet rolled into them (app.usage)."""
     conn = await asyncpg.connect(url)
     try:
         rows = await conn.fetch(
-            "SELECT public_id, total_requests, successful_requests, failed_requests "
-            "FROM api_keys WHERE public_id = ANY($1::varchar[])",
+            """SELECT k.public_id,
+                      (k.total_requests + COALESCE(sum(b.total_requests), 0))::bigint
+                          AS total_requests,
+                      (k.successful_requests + COALESCE(sum(b.successful_requests), 0))::bigint
+                          AS successful_requests,
+                      (k.failed_requests + COALESCE(sum(b.failed_requests), 0))::bigint
+                          AS failed_requests
+               FROM api_keys k
+               LEFT JOIN usage_buckets b ON b.key_id = k.public_id AND NOT b.rolled
+               WHERE k.public_id = ANY($1::varchar[])
+               GROUP BY k.id""",
             key_ids,
         )
     finally:

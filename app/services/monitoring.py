@@ -28,7 +28,7 @@ from app.services.environments import get_environment
 from app.services.keys import check_page_size, decode_cursor, encode_cursor
 from app.services.principal import Principal
 from app.services.validation import require_public_id
-from app.usage import MANY_IPS
+from app.usage import MANY_IPS, as_utc, pending_usage
 from app.verifier import Code
 from models import ApiKey, Denial, Environment, UsageBucket
 
@@ -100,6 +100,12 @@ def _range(
     return first, last + step
 
 
+def _latest(*moments: datetime | str | None) -> datetime | None:
+    """The latest of these (aggregates come back as text on SQLite), UTC-aware."""
+    known = [as_utc(m) for m in moments if m is not None]
+    return max(known) if known else None
+
+
 async def usage_report(
     services: Services,
     principal: Principal,
@@ -128,16 +134,34 @@ async def usage_report(
                 f"key {key_id!r} is not in environment {environment_id!r}", "keyId"
             )
         rows = rows.filter(key_id=key_id)
-        last_used = key.last_used_at
+        pending = (await pending_usage([key_id])).get(key_id)
+        last_used = _latest(key.last_used_at, pending.last_used_at if pending else None)
     else:
         keys = ApiKey.filter(workspace_id=principal.workspace_id)
         if environment is not None:
             rows = rows.filter(key_id=environment.public_id)
             keys = keys.filter(environment_id=environment.id)
+            env_ids = [environment.public_id]
         else:
             rows = rows.filter(key_id__startswith="env_")
-        latest = await keys.annotate(latest=Max("last_used_at")).first().values("latest")
-        last_used = latest["latest"] if latest else None
+            env_ids = [
+                str(e)
+                for e in await Environment.filter(workspace_id=principal.workspace_id).values_list(
+                    "public_id", flat=True
+                )
+            ]
+        # The keys' counters cover rolled-up hours; the environments' buckets carry the latest
+        # use of every hour written since (pending or not).
+        stored = await keys.annotate(latest=Max("last_used_at")).first().values("latest")
+        recent = (
+            await UsageBucket.filter(key_id__in=env_ids)
+            .annotate(latest=Max("last_used_at"))
+            .first()
+            .values("latest")
+        )
+        last_used = _latest(
+            stored["latest"] if stored else None, recent["latest"] if recent else None
+        )
     series: dict[datetime, Bucket] = {}
     moment = first
     while moment < stop:
