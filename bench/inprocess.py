@@ -75,13 +75,14 @@ async def _seed(url: str) -> tuple[str, str, str, list[str]]:
     await ApiKey.bulk_create(keys, batch_size=1000)
     first_hour = now.replace(minute=0, second=0, microsecond=0) - timedelta(days=DAYS)
     hours = [first_hour + timedelta(hours=h) for h in range(DAYS * 24)]
+    # Past hours, already rolled up into the keys' counters (app.usage).
     rows = [
-        (result.workspace.id, env.id, key.public_id, hour, 10, 9, 1)
+        (result.workspace.id, env.id, key.public_id, hour, 10, 9, 1, True)
         for key in keys
         for hour in hours
     ]
     rows += [
-        (result.workspace.id, env.id, env.public_id, hour, 10 * KEYS, 9 * KEYS, KEYS)
+        (result.workspace.id, env.id, env.public_id, hour, 10 * KEYS, 9 * KEYS, KEYS, True)
         for hour in hours
     ]
     conn = await asyncpg.connect(url)
@@ -97,6 +98,7 @@ async def _seed(url: str) -> tuple[str, str, str, list[str]]:
                 "total_requests",
                 "successful_requests",
                 "failed_requests",
+                "rolled",
             ],
         )
         await conn.execute("ANALYZE usage_buckets")

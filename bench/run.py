@@ -43,6 +43,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BARE = "bare"
 SMALL = "verify-1k"
 LARGE = "verify-1M"
+PG_SETTINGS = "-c shared_buffers=1GB"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -111,7 +112,8 @@ class Bench:
     def postgres(self) -> PostgresServer:
         if self._postgres is None:
             self.log("starting PostgreSQL")
-            server = PostgresServer()
+            # Sized for a 1M-key table (the default 128 MB of shared buffers is smaller than it).
+            server = PostgresServer(PG_SETTINGS)
             self.stack.callback(server.destroy)  # registered first: removed even if init fails
             server.init()
             server.start()
