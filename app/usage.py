@@ -88,9 +88,9 @@ SELECT *, TRUE FROM unnest($1::int[], $2::int[], $3::varchar[], $4::timestamptz[
 # Key buckets: upserted as pending; a bucket the roll-up already closed (a late write for an
 # earlier hour) also adds its delta to the key's counters, in the same statement.
 _PG_WRITE_KEYS = f"""WITH v AS (
-    SELECT * FROM unnest($1::int[], $2::int[], $3::int[], $4::varchar[], $5::timestamptz[],
-                         $6::bigint[], $7::bigint[], $8::bigint[], $9::timestamptz[])
-        AS v(key_pk, ws, env, key_id, hour, total, ok, failed, last_used)
+    SELECT * FROM unnest($1::int[], $2::int[], $3::varchar[], $4::timestamptz[], $5::bigint[],
+                         $6::bigint[], $7::bigint[], $8::timestamptz[], $9::int[])
+        AS v(ws, env, key_id, hour, total, ok, failed, last_used, key_pk)
 ), up AS (
     {_BUCKET_INSERT}
     SELECT ws, env, key_id, hour, total, ok, failed, last_used, FALSE FROM v
@@ -119,6 +119,20 @@ _PG_ROLLUP = f"""WITH c AS (
     WHERE k.public_id = s.key_id
 )
 SELECT count(*) FROM c"""
+
+
+def _bucket_arrays(rows: list[tuple[tuple[str, datetime], _Counts]]) -> list[list[Any]]:
+    """The bucket columns, one array each, as the flush statements unnest them."""
+    return [
+        [c.workspace_pk for _, c in rows],
+        [c.environment_pk for _, c in rows],
+        [marker[0] for marker, _ in rows],
+        [marker[1] for marker, _ in rows],
+        [c.total for _, c in rows],
+        [c.successful for _, c in rows],
+        [c.failed for _, c in rows],
+        [c.last_used for _, c in rows],
+    ]
 
 
 def _key_order(item: tuple[tuple[str, datetime], _Counts]) -> tuple[int, datetime]:
@@ -463,35 +477,10 @@ class UsageRecorder:
         rows = sorted(batch.keys.items(), key=_key_order)
         for start in range(0, len(rows), WRITE_CHUNK):
             chunk = rows[start : start + WRITE_CHUNK]
-            await execute(
-                _PG_WRITE_KEYS,
-                [
-                    [c.key_pk for _, c in chunk],
-                    [c.workspace_pk for _, c in chunk],
-                    [c.environment_pk for _, c in chunk],
-                    [marker[0] for marker, _ in chunk],
-                    [marker[1] for marker, _ in chunk],
-                    [c.total for _, c in chunk],
-                    [c.successful for _, c in chunk],
-                    [c.failed for _, c in chunk],
-                    [c.last_used for _, c in chunk],
-                ],
-            )
+            await execute(_PG_WRITE_KEYS, [*_bucket_arrays(chunk), [c.key_pk for _, c in chunk]])
         environments = sorted(batch.environments().items())
         if environments:
-            await execute(
-                _PG_WRITE_ENVIRONMENTS,
-                [
-                    [c.workspace_pk for _, c in environments],
-                    [c.environment_pk for _, c in environments],
-                    [marker[0] for marker, _ in environments],
-                    [marker[1] for marker, _ in environments],
-                    [c.total for _, c in environments],
-                    [c.successful for _, c in environments],
-                    [c.failed for _, c in environments],
-                    [c.last_used for _, c in environments],
-                ],
-            )
+            await execute(_PG_WRITE_ENVIRONMENTS, _bucket_arrays(environments))
 
     @staticmethod
     async def _write_counts_orm(conn: BaseDBAsyncClient, batch: _Buffers) -> None:
