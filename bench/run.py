@@ -199,39 +199,37 @@ class Bench:
             connections=self.config.connections,
         )
 
-    def full_load(
+    def measured_run(
         self, server: procs.Server, tokens: list[str], tokens_file: Path, database: bool
-    ) -> dict[str, Any]:
-        """`repeat` closed-loop runs at full load and their medians, with where the CPU went
-        during each run, in cores: the server, PostgreSQL, the load generator, and everything
-        else on this shared machine ("other", the noise)."""
-        runs = []
-        cpu: dict[str, list[float]] = {"server": [], "postgres": [], "loadgen": [], "other": []}
-        for index in range(self.config.repeat):
-            marks = self._cpu_marks(server, database)
-            started = time.perf_counter()
-            result = self.one_run(server, tokens, tokens_file)
-            wall = time.perf_counter() - started
-            after = self._cpu_marks(server, database)
-            used = {k: (after[k] - marks[k]) / wall for k in marks}
-            used["other"] = max(0.0, used.pop("busy") - sum(used.values()))
-            for key, value in used.items():
-                cpu[key].append(value)
-            runs.append(result)
-            self.log(
-                f"{server.name} run {index + 1}/{self.config.repeat}: {result.rps:,.0f} req/s, "
-                f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, errors {result.errors}; "
-                "CPU cores " + ", ".join(f"{k} {v:.2f}" for k, v in used.items())
-            )
+    ) -> tuple[Any, dict[str, float]]:
+        """One closed-loop run at full load, and where the CPU went during it, in cores: the
+        server, PostgreSQL, the load generator, and everything else on this shared machine
+        ("other", the noise)."""
+        marks = self._cpu_marks(server, database)
+        started = time.perf_counter()
+        result = self.one_run(server, tokens, tokens_file)
+        wall = time.perf_counter() - started
+        after = self._cpu_marks(server, database)
+        used = {k: (after[k] - marks[k]) / wall for k in marks}
+        used["other"] = max(0.0, used.pop("busy") - sum(used.values()))
+        self.log(
+            f"{server.name}: {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, "
+            f"p99 {result.p99_ms:.2f} ms, errors {result.errors}; "
+            "CPU cores " + ", ".join(f"{k} {v:.2f}" for k, v in used.items())
+        )
+        return result, used
+
+    def summarise(self, name: str, runs: list[Any], cpu: list[dict[str, float]]) -> dict[str, Any]:
+        """The medians of a target's full-load runs."""
         figures = loadgen.median_result(runs)
-        figures["cpu_cores"] = {k: round(statistics.median(v), 2) for k, v in cpu.items()}
+        figures["cpu_cores"] = {k: round(statistics.median(c[k] for c in cpu), 2) for k in cpu[0]}
         # Requests per second of server CPU: what the server does with the core it actually got,
         # which the neighbours on a shared machine disturb much less than req/s.
         figures["per_server_cpu_s"] = statistics.median(
-            r.rps / c for r, c in zip(runs, cpu["server"], strict=True) if c > 0
+            r.rps / c["server"] for r, c in zip(runs, cpu, strict=True) if c["server"] > 0
         )
         if figures["errors"]:
-            self.note(f"{server.name}: {figures['errors']} errors or non-200 answers under load")
+            self.note(f"{name}: {figures['errors']} errors or non-200 answers under load")
         return figures
 
     def _cpu_marks(self, server: procs.Server, database: bool) -> dict[str, float]:
@@ -262,48 +260,65 @@ class Bench:
 # --- sections ------------------------------------------------------------------------------------
 
 
-def section_bare(bench: Bench) -> None:
-    """The ceiling: the same uvicorn, a Starlette route answering a constant verify-sized body."""
-    tokens = [mint_token(seed.KEY_PREFIX, KeyType.SERVER) for _ in range(1_000)]
-    tokens_file = bench.workdir / "bare.tokens"
-    tokens_file.write_text("\n".join(tokens) + "\n")
-    with bench.server(BARE) as server:
-        bench.warm_up(server, tokens[:200])
-        bench.record(BARE, {"full": bench.full_load(server, tokens, tokens_file, False)})
-        bench.record(BARE, {"rss_mib": procs.rss_mib(server.pid)})
+@dataclass
+class Contender:
+    name: str
+    server: procs.Server
+    tokens: list[str]
+    tokens_file: Path
+    database: bool
 
 
-def section_verify_small(bench: Bench) -> None:
-    """/v1/verify with 1,000 keys, every one of them in the load (all cached after warm-up)."""
-    data = bench.dataset("bench_small", bench.config.keys_small, bench.config.keys_small)
-    with bench.server(SMALL, data.url) as server:
-        bench.record(SMALL, {"keys": data.keys, "hot": len(data.tokens)})
-        bench.record(SMALL, bench.warm_up(server, data.tokens))
-        bench.record(SMALL, {"full": bench.full_load(server, data.tokens, data.tokens_file, True)})
-        bench.record(SMALL, {"rss_mib": procs.rss_mib(server.pid)})
-
-
-def section_verify_large(bench: Bench) -> None:
-    """/v1/verify with 1,000,000 keys, the load spread evenly over a hot set of 100,000; memory
-    after the hot set is cached; p99 at half the full-load rate (open loop, and wrk paced)."""
+def section_full_load(bench: Bench) -> None:
+    """Full load on the bare route (the ceiling: the same uvicorn, a Starlette route answering a
+    constant verify-sized body), /v1/verify with 1,000 keys (all in the load) and /v1/verify with
+    1,000,000 keys (the load spread evenly over a hot set of 100,000). The three servers run side
+    by side and their runs are interleaved, bare, 1k, 1M, `repeat` times, so that a busy
+    neighbour on this shared machine weighs on all three alike instead of on whichever target
+    it happened to coincide with. Then memory, and p99 at half the 1M full-load rate against the
+    bare route at the same rate (each client's own floor)."""
     config = bench.config
-    data = bench.dataset("bench_large", config.keys_large, config.hot)
-    with bench.server(LARGE, data.url) as server:
-        bench.log(f"{LARGE}: warming the cache with {len(data.tokens):,} hot keys")
-        bench.record(LARGE, {"keys": data.keys, "hot": len(data.tokens)})
-        bench.record(LARGE, bench.warm_up(server, data.tokens))
-        bench.record(LARGE, {"rss_after_warm_up": procs.rss_mib(server.pid)})
-        full = bench.full_load(server, data.tokens, data.tokens_file, True)
-        bench.record(LARGE, {"full": full, "rss_after_load": procs.rss_mib(server.pid)})
-        rate = full["rps"] / 2
-        bench.log(f"{LARGE}: open-loop run at half load, {rate:,.0f} req/s")
+    small = bench.dataset("bench_small", config.keys_small, config.keys_small)
+    large = bench.dataset("bench_large", config.keys_large, config.hot)
+    bare_tokens = [mint_token(seed.KEY_PREFIX, KeyType.SERVER) for _ in range(1_000)]
+    bare_file = bench.workdir / "bare.tokens"
+    bare_file.write_text("\n".join(bare_tokens) + "\n")
+    with (
+        bench.server(BARE) as bare,
+        bench.server(SMALL, small.url) as small_server,
+        bench.server(LARGE, large.url) as large_server,
+    ):
+        bench.warm_up(bare, bare_tokens[:200])
+        bench.record(SMALL, {"keys": small.keys, "hot": len(small.tokens)})
+        bench.record(SMALL, bench.warm_up(small_server, small.tokens))
+        bench.log(f"{LARGE}: warming the cache with {len(large.tokens):,} hot keys")
+        bench.record(LARGE, {"keys": large.keys, "hot": len(large.tokens)})
+        bench.record(LARGE, bench.warm_up(large_server, large.tokens))
+        bench.record(LARGE, {"rss_after_warm_up": procs.rss_mib(large_server.pid)})
+        targets = [
+            Contender(BARE, bare, bare_tokens, bare_file, False),
+            Contender(SMALL, small_server, small.tokens, small.tokens_file, True),
+            Contender(LARGE, large_server, large.tokens, large.tokens_file, True),
+        ]
+        runs: dict[str, list[Any]] = {t.name: [] for t in targets}
+        cpu: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
+        for index in range(config.repeat):
+            bench.log(f"round {index + 1}/{config.repeat}")
+            for t in targets:
+                result, used = bench.measured_run(t.server, t.tokens, t.tokens_file, t.database)
+                runs[t.name].append(result)
+                cpu[t.name].append(used)
+        for t in targets:
+            bench.record(t.name, {"full": bench.summarise(t.name, runs[t.name], cpu[t.name])})
+            bench.record(t.name, {"rss_mib": procs.rss_mib(t.server.pid)})
+        bench.record(LARGE, {"rss_after_load": procs.rss_mib(large_server.pid)})
+        rate = bench.results[LARGE]["full"]["rps"] / 2
+        bench.log(f"{LARGE}: runs at half load, {rate:,.0f} req/s")
         bench.record(
-            LARGE, {"half_load": bench.half_load(server, data.tokens, data.tokens_file, rate)}
+            LARGE,
+            {"half_load": bench.half_load(large_server, large.tokens, large.tokens_file, rate)},
         )
-    # The same clients against the bare app at the same rate: each client's own latency floor.
-    with bench.server(BARE + "-calibration") as server:
-        bench.warm_up(server, data.tokens[:200])
-        floor = bench.half_load(server, data.tokens, data.tokens_file, rate)
+        floor = bench.half_load(bare, large.tokens, large.tokens_file, rate)
         bench.record(BARE, {"half_load_same_rate": floor})
 
 
@@ -318,9 +333,7 @@ def section_in_process(bench: Bench) -> None:
 
 Section = Callable[[Bench], None]
 SECTIONS: list[tuple[str, Section]] = [
-    (BARE, section_bare),
-    (SMALL, section_verify_small),
-    (LARGE, section_verify_large),
+    ("full load: bare, verify-1k, verify-1M interleaved", section_full_load),
     ("in-process", section_in_process),
 ]
 
@@ -380,7 +393,7 @@ TARGETS = [
 
 
 def evaluate(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    checks = []
+    checks: list[dict[str, Any]] = []
     for target in TARGETS:
         try:
             value = target.value(results)
