@@ -218,7 +218,7 @@ class UsageBucket(Model):
     # A key's bucket is pending until the hourly roll-up adds it to the key's lifetime counters
     # (api_keys); a key's totals are its counters plus its pending buckets. Environment
     # buckets are never part of a key's counters: written as rolled.
-    rolled = fields.BooleanField(default=False)
+    rolled = fields.BooleanField(default=False, db_default=False)
 
     class Meta:
         table = "usage_buckets"

@@ -16,7 +16,7 @@ class Migration(migrations.Migration):
         ops.AddField(
             model_name='UsageBucket',
             name='rolled',
-            field=fields.BooleanField(default=False),
+            field=fields.BooleanField(default=False, db_default=False),
         ),
         # Every bucket written before this migration is already in its key's lifetime counters.
         ops.RunSQL(

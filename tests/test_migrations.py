@@ -1,0 +1,86 @@
+"""Upgrading a database that already holds data: every migration applies on top of the last
+one's rows (on SQLite, ALTER TABLE cannot add a NOT NULL column without a default).
+
+The migrations run in a subprocess (they initialise Tortoise's global connections, which the
+session's app is using), against a database of the test's own."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import asyncpg
+
+from tests.conftest import BACKEND
+from tests.pgserver import PostgresServer
+
+ROOT = Path(__file__).resolve().parent.parent
+OLD_BUCKET = (
+    "INSERT INTO usage_buckets (workspace_id, environment_id, key_id, bucket_start, "
+    "total_requests, successful_requests, failed_requests) "
+    "VALUES (1, 1, 'key_old', '2026-11-26 09:00:00+00:00', 5, 4, 1)"
+)
+NEW_BUCKET = OLD_BUCKET.replace("key_old", "key_new")
+
+
+def migrate(url: str, target: str | None = None) -> None:
+    code = textwrap.dedent(
+        f"""
+        import asyncio
+        from tortoise import Tortoise
+        from tortoise.migrations.api.migrate import migrate
+        from app.db import tortoise_config
+
+        async def main():
+            try:
+                await migrate(config=tortoise_config({url!r}), target={target!r})
+            finally:
+                await Tortoise.close_connections()
+
+        asyncio.run(main())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_usage_rollup_migration_upgrades_a_database_with_buckets(
+    tmp_path: Path, pg_server: PostgresServer | None
+) -> None:
+    if BACKEND == "postgres":
+        assert pg_server is not None
+        pg_server.create_database("upgrade")
+        url = pg_server.url("upgrade")
+    else:
+        url = f"sqlite://{tmp_path / 'upgrade.db'}"
+    migrate(url, "keyplane.0003_invitations")
+    run(url, OLD_BUCKET)
+    migrate(url)
+    run(url, NEW_BUCKET)  # a writer that does not know the column gets a pending bucket
+    rows = run(url, "SELECT key_id, rolled, last_used_at FROM usage_buckets ORDER BY key_id")
+    # Buckets written before the upgrade were already in the keys' counters: rolled.
+    assert [(k, bool(r), u) for k, r, u in rows] == [
+        ("key_new", False, None),
+        ("key_old", True, None),
+    ]
+
+
+def run(url: str, sql: str) -> list[tuple[object, ...]]:
+    if url.startswith("sqlite://"):
+        with sqlite3.connect(url.removeprefix("sqlite://")) as db:
+            return [tuple(r) for r in db.execute(sql).fetchall()]
+
+    async def on_postgres() -> list[tuple[object, ...]]:
+        conn = await asyncpg.connect(url.replace("postgres://", "postgresql://", 1))
+        try:
+            return [tuple(r) for r in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(on_postgres())
