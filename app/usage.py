@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -64,7 +65,7 @@ MESSAGE_LIMIT = 200
 ORIGIN_LIMIT = 300
 
 
-WRITE_CHUNK = 2000  # (key, hour) rows per flush statement on PostgreSQL
+WRITE_CHUNK = 1000  # (key, hour) rows per flush statement on PostgreSQL
 ROLLUP_CHUNK = 5000  # closed buckets added to their keys' counters per roll-up statement
 ROLLUP_EVERY_SECONDS = 60.0
 
@@ -81,16 +82,26 @@ _ADD_TO_KEYS = """UPDATE api_keys AS k SET
         failed_requests = k.failed_requests + s.failed,
         last_used_at = GREATEST(k.last_used_at, s.last_used)"""
 # Environment buckets: never pending (they are not part of any key's counters).
+# The flush passes each column as one comma-separated text (numbers, public IDs, timestamps as
+# epoch seconds), split by PostgreSQL: asyncpg encoding Python lists element by element cost
+# the event loop about 4 ms per 1,000 rows, this about a third of that.
+_BUCKET_ROWS = """SELECT ws, env, key_id, to_timestamp(hour_s) AS hour, total, ok, failed,
+           to_timestamp(last_s) AS last_used{extra}
+    FROM unnest(string_to_array($1, ',')::int[], string_to_array($2, ',')::int[],
+                string_to_array($3, ',')::varchar[], string_to_array($4, ',')::float8[],
+                string_to_array($5, ',')::bigint[], string_to_array($6, ',')::bigint[],
+                string_to_array($7, ',')::bigint[], string_to_array($8, ',', '')::float8[]{more})
+        AS v(ws, env, key_id, hour_s, total, ok, failed, last_s{named})"""
 _PG_WRITE_ENVIRONMENTS = f"""{_BUCKET_INSERT}
-SELECT *, TRUE FROM unnest($1::int[], $2::int[], $3::varchar[], $4::timestamptz[],
-                           $5::bigint[], $6::bigint[], $7::bigint[], $8::timestamptz[])
+SELECT *, TRUE FROM ({_BUCKET_ROWS.format(extra="", more="", named="")}) AS rows
 {_BUCKET_UPSERT}"""
 # Key buckets: upserted as pending; a bucket the roll-up already closed (a late write for an
 # earlier hour) also adds its delta to the key's counters, in the same statement.
+_KEY_ROWS = _BUCKET_ROWS.format(
+    extra=", key_pk", more=", string_to_array($9, ',')::int[]", named=", key_pk"
+)
 _PG_WRITE_KEYS = f"""WITH v AS (
-    SELECT * FROM unnest($1::int[], $2::int[], $3::varchar[], $4::timestamptz[], $5::bigint[],
-                         $6::bigint[], $7::bigint[], $8::timestamptz[], $9::int[])
-        AS v(ws, env, key_id, hour, total, ok, failed, last_used, key_pk)
+    {_KEY_ROWS}
 ), up AS (
     {_BUCKET_INSERT}
     SELECT ws, env, key_id, hour, total, ok, failed, last_used, FALSE FROM v
@@ -121,17 +132,36 @@ _PG_ROLLUP = f"""WITH c AS (
 SELECT count(*) FROM c"""
 
 
-def _bucket_arrays(rows: list[tuple[tuple[str, datetime], _Counts]]) -> list[list[Any]]:
-    """The bucket columns, one array each, as the flush statements unnest them."""
+def _joined(values: Iterable[object]) -> str:
+    return ",".join(map(str, values))
+
+
+def _epochs(moments: Iterable[datetime | None]) -> str:
+    """Epoch seconds, comma-separated; an empty field for None (read back as NULL)."""
+    seen: dict[datetime, str] = {}
+    out: list[str] = []
+    for moment in moments:
+        if moment is None:
+            out.append("")
+            continue
+        text = seen.get(moment)
+        if text is None:
+            text = seen[moment] = repr(moment.timestamp())
+        out.append(text)
+    return ",".join(out)
+
+
+def _bucket_columns(rows: list[tuple[tuple[str, datetime], _Counts]]) -> list[str]:
+    """The bucket columns, one text each, as the flush statements split them."""
     return [
-        [c.workspace_pk for _, c in rows],
-        [c.environment_pk for _, c in rows],
-        [marker[0] for marker, _ in rows],
-        [marker[1] for marker, _ in rows],
-        [c.total for _, c in rows],
-        [c.successful for _, c in rows],
-        [c.failed for _, c in rows],
-        [c.last_used for _, c in rows],
+        _joined(c.workspace_pk for _, c in rows),
+        _joined(c.environment_pk for _, c in rows),
+        ",".join(marker[0] for marker, _ in rows),
+        _epochs(marker[1] for marker, _ in rows),
+        _joined(c.total for _, c in rows),
+        _joined(c.successful for _, c in rows),
+        _joined(c.failed for _, c in rows),
+        _epochs(c.last_used for _, c in rows),
     ]
 
 
@@ -477,10 +507,12 @@ class UsageRecorder:
         rows = sorted(batch.keys.items(), key=_key_order)
         for start in range(0, len(rows), WRITE_CHUNK):
             chunk = rows[start : start + WRITE_CHUNK]
-            await execute(_PG_WRITE_KEYS, [*_bucket_arrays(chunk), [c.key_pk for _, c in chunk]])
+            await execute(
+                _PG_WRITE_KEYS, [*_bucket_columns(chunk), _joined(c.key_pk for _, c in chunk)]
+            )
         environments = sorted(batch.environments().items())
         if environments:
-            await execute(_PG_WRITE_ENVIRONMENTS, _bucket_arrays(environments))
+            await execute(_PG_WRITE_ENVIRONMENTS, _bucket_columns(environments))
 
     @staticmethod
     async def _write_counts_orm(conn: BaseDBAsyncClient, batch: _Buffers) -> None:
