@@ -232,6 +232,22 @@ class Bench:
             self.note(f"{name}: {figures['errors']} errors or non-200 answers under load")
         return figures
 
+    def settle(self, servers: list[procs.Server], limit: float = 60.0) -> float:
+        """Wait until the servers and PostgreSQL are idle (the writes that warm-ups leave behind,
+        such as 100,000 first-seen key IPs, flushed), so that they do not land in another
+        target's run; at most `limit` seconds. Returns the seconds waited."""
+        started = time.monotonic()
+        while time.monotonic() - started < limit:
+            before = sum(procs.cpu_seconds(s.pid) for s in servers)
+            before += procs.cpu_seconds(self.pg_pid())
+            time.sleep(1.0)
+            after = sum(procs.cpu_seconds(s.pid) for s in servers)
+            after += procs.cpu_seconds(self.pg_pid())
+            if after - before < 0.05:
+                return time.monotonic() - started
+        self.note(f"servers still busy {limit:g} s after the warm-ups")
+        return time.monotonic() - started
+
     def _cpu_marks(self, server: procs.Server, database: bool) -> dict[str, float]:
         return {
             "busy": procs.busy_cpu_seconds(),
@@ -295,6 +311,8 @@ def section_full_load(bench: Bench) -> None:
         bench.record(LARGE, {"keys": large.keys, "hot": len(large.tokens)})
         bench.record(LARGE, bench.warm_up(large_server, large.tokens))
         bench.record(LARGE, {"rss_after_warm_up": procs.rss_mib(large_server.pid)})
+        waited = bench.settle([bare, small_server, large_server])
+        bench.log(f"idle {waited:.0f} s after the warm-ups")
         targets = [
             Contender(BARE, bare, bare_tokens, bare_file, False),
             Contender(SMALL, small_server, small.tokens, small.tokens_file, True),
