@@ -224,26 +224,6 @@ class _Buffers:
     def requests(self) -> int:
         return sum(c.total for c in self.keys.values())
 
-    def lifetimes(self) -> dict[str, _Counts]:
-        """Per key ID: its deltas summed over the hours in this batch."""
-        out: dict[str, _Counts] = {}
-        for (key_id, _), counts in self.keys.items():
-            seen = out.get(key_id)
-            if seen is None:
-                out[key_id] = _Counts(
-                    counts.key_pk,
-                    counts.workspace_pk,
-                    counts.environment_pk,
-                    counts.environment_id,
-                    counts.total,
-                    counts.successful,
-                    counts.failed,
-                    counts.last_used,
-                )
-            else:
-                seen.add(counts)
-        return out
-
     def environments(self) -> dict[tuple[str, datetime], _Counts]:
         """Per (environment public ID, hour): the sum of its keys' counts."""
         out: dict[tuple[str, datetime], _Counts] = {}
@@ -592,22 +572,15 @@ class UsageRecorder:
             .limit(ROLLUP_CHUNK)
             .using_db(conn)
         )
-        sums: dict[str, _Counts] = {}
         for b in buckets:
-            sums.setdefault(b.key_id, _Counts(0, 0, 0, "")).add(
-                _Counts(
-                    0,
-                    0,
-                    0,
-                    "",
-                    b.total_requests,
-                    b.successful_requests,
-                    b.failed_requests,
-                    b.last_used_at,
-                )
+            await _add_to_key(
+                conn,
+                b.key_id,
+                b.total_requests,
+                b.successful_requests,
+                b.failed_requests,
+                b.last_used_at,
             )
-        for key_id, c in sums.items():
-            await _add_to_key(conn, key_id, c.total, c.successful, c.failed, c.last_used)
         if buckets:
             await (
                 UsageBucket.filter(id__in=[b.id for b in buckets])

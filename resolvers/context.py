@@ -28,12 +28,12 @@ async def _load_roles(ids: list[int]) -> list[Role | None]:
     return [rows.get(i) for i in ids]
 
 
+NO_PENDING = PendingUsage()
+
+
 async def _load_pending_usage(key_ids: list[str]) -> list[PendingUsage]:
     pending = await pending_usage(sorted(set(key_ids)))
     return [pending.get(k, NO_PENDING) for k in key_ids]
-
-
-NO_PENDING = PendingUsage()
 
 
 @dataclass

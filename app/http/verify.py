@@ -140,15 +140,8 @@ class VerifyEndpoint:
                 permissions_header = value.decode("latin-1")
             elif name == b"origin":
                 origin_header = value.decode("latin-1")
-        body = NO_BODY
-        bodiless = False
         method = scope["method"]
-        if method != "GET":
-            if method == "POST":
-                if self.reads_body:
-                    body = await self._read_body(receive)
-            elif method == "HEAD":
-                bodiless = True
+        body = await self._read_body(receive) if method == "POST" and self.reads_body else NO_BODY
 
         token: str | None = None
         if authorization and authorization[:7].lower() == "bearer ":
@@ -206,7 +199,7 @@ class VerifyEndpoint:
                 "headers": [JSON_HEADERS, (b"content-length", str(len(payload)).encode())],
             }
         )
-        await send({"type": "http.response.body", "body": b"" if bodiless else payload})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else payload})
         self.metrics.observe_verification(decision.code.value, time.perf_counter() - started)
 
     async def _decide(
