@@ -144,3 +144,18 @@ async def test_flushes_racing_rollups_count_every_verification_once(
     assert await shown(ws, key_id) == (sent, sent, 0)
     total = sum(b.total_requests for b in await UsageBucket.filter(key_id=key_id))
     assert total == sent
+
+
+async def test_flushed_last_use_keeps_the_exact_microsecond(
+    app: Starlette, rws: WorkspaceHandle, clock: OffsetClock
+) -> None:
+    """Timestamps travel to PostgreSQL as integer epoch microseconds: nothing is rounded."""
+    ws, usage = rws, recorder(app)
+    key_id, secret = await ws.create_key(permissions=["pdf.read"])
+    assert [await verify(ws, secret) for _ in range(3)] == ["VALID"] * 3
+    [(marker, counts)] = [(m, c) for m, c in usage._buffers.keys.items() if m[0] == key_id]
+    assert counts.last_used is not None and counts.last_used.microsecond  # sub-second part
+    assert await usage.flush()
+    bucket = await UsageBucket.get(key_id=key_id)
+    assert bucket.last_used_at == counts.last_used
+    assert bucket.bucket_start == marker[1] == hour_of(counts.last_used)
