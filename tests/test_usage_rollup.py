@@ -17,6 +17,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from app import usage as usage_module
 from app.usage import UsageRecorder, hour_of
 from models import ApiKey, UsageBucket
 from tests.support import OffsetClock, WorkspaceHandle
@@ -159,3 +160,24 @@ async def test_flushed_last_use_keeps_the_exact_microsecond(
     bucket = await UsageBucket.get(key_id=key_id)
     assert bucket.last_used_at == counts.last_used
     assert bucket.bucket_start == marker[1] == hour_of(counts.last_used)
+
+
+async def test_a_flush_in_many_statements_and_slices_counts_every_key_exactly(
+    app: Starlette, rws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large flush is written in key-range statements (WRITE_PART rows) and encoded in
+    slices (FLUSH_SLICE rows): made tiny here, so 7 keys take several of each."""
+    monkeypatch.setattr(usage_module, "WRITE_PART", 3)
+    monkeypatch.setattr(usage_module, "FLUSH_SLICE", 2)
+    ws, usage = rws, recorder(app)
+    keys = [await ws.create_key(permissions=["pdf.read"]) for _ in range(7)]
+    for n, (_, secret) in enumerate(keys, start=1):
+        assert [await verify(ws, secret) for _ in range(n)] == ["VALID"] * n
+        assert await verify(ws, secret, "admin.all") == "INSUFFICIENT_PERMISSIONS"
+    assert await usage.flush()
+    for n, (key_id, _) in enumerate(keys, start=1):
+        assert await shown(ws, key_id) == (n + 1, n, 1)
+        bucket = await UsageBucket.get(key_id=key_id)
+        assert (bucket.total_requests, bucket.rolled) == (n + 1, False)
+    env = (await ws.q(ENV_USAGE, {"env": None}))["usage"]["totals"]
+    assert env["totalRequests"] == sum(n + 1 for n in range(1, 8))
