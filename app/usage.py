@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -65,17 +65,11 @@ MESSAGE_LIMIT = 200
 ORIGIN_LIMIT = 300
 
 
-# The flush on PostgreSQL is paced, so that verifications keep their latency while it runs:
-# - Python: encoding ~10,000 rows is tens of milliseconds; it goes FLUSH_SLICE rows at a time
-#   with a pause between slices (FLUSH_SLICE_PAUSE, shorter when there are many slices, so a
-#   flush spreads over about FLUSH_SPREAD_SECONDS);
-# - PostgreSQL: the upserts are ~10 us of its CPU per row; they go in statements of about
-#   WRITE_PART rows, each a range of key primary keys, in ascending order (each statement sorts
-#   its rows), so two processes flushing the same keys lock them in the same order.
+# The flush encodes its rows for PostgreSQL FLUSH_SLICE at a time, pausing FLUSH_SLICE_PAUSE
+# seconds between slices: encoding ~10,000 rows is tens of milliseconds of Python, and done in one
+# go (or in slices with only a bare yield between them) the requests in flight wait it out.
 FLUSH_SLICE = 250
-FLUSH_SLICE_PAUSE = 0.004
-FLUSH_SPREAD_SECONDS = 0.25
-WRITE_PART = 2000
+FLUSH_SLICE_PAUSE = 0.001
 ROLLUP_CHUNK = 5000  # closed buckets added to their keys' counters per roll-up statement
 ROLLUP_EVERY_SECONDS = 60.0
 
@@ -106,9 +100,9 @@ _BUCKET_ROWS = """SELECT ws, env, key_id, TIMESTAMPTZ 'epoch' + hour_us * INTERV
 _PG_WRITE_ENVIRONMENTS = f"""{_BUCKET_INSERT}
 SELECT *, TRUE FROM ({_BUCKET_ROWS.format(extra="", more="", named="")}) AS rows
 {_BUCKET_UPSERT}"""
-# Key buckets: upserted as pending, in key order (see WRITE_PART). A bucket the roll-up already
-# closed (a late write for an earlier hour) also adds its delta to the key's counters, in the
-# same statement.
+# Key buckets: upserted as pending, in key order, so two processes flushing the same keys lock
+# them in the same order. A bucket the roll-up already closed (a late write for an earlier hour)
+# also adds its delta to the key's counters, in the same statement.
 _KEY_ROWS = _BUCKET_ROWS.format(
     extra=", key_pk", more=", string_to_array($9, ',')::int[]", named=", key_pk"
 )
@@ -255,48 +249,22 @@ def _add_environments(
         seen.add(counts)
 
 
-class _Pacer:
-    """Pauses between the slices of one flush's Python work (see FLUSH_SLICE_PAUSE)."""
-
-    def __init__(self, rows: int) -> None:
-        slices = 2 * (rows // FLUSH_SLICE + 1)  # each row is sliced twice: split, then encoded
-        self.pause = min(FLUSH_SLICE_PAUSE, FLUSH_SPREAD_SECONDS / slices)
-
-    async def slices(
-        self, rows: list[tuple[tuple[str, datetime], _Counts]]
-    ) -> AsyncIterator[list[tuple[tuple[str, datetime], _Counts]]]:
-        for start in range(0, len(rows), FLUSH_SLICE):
-            if start:
-                await asyncio.sleep(self.pause)
-            yield rows[start : start + FLUSH_SLICE]
-
-
-async def _write_counts_postgres(conn: BaseDBAsyncClient, batch: _Buffers) -> None:
-    """Upsert the batch's key buckets as pending (the roll-up adds closed hours to the keys'
-    counters) in key-range statements, then the environments' buckets; paced (see the notes
-    at FLUSH_SLICE)."""
+async def _pg_count_columns(batch: _Buffers) -> tuple[list[str], list[str]]:
+    """The parameters of the two PostgreSQL statements writing a batch's counts: the key
+    buckets' columns, and the environment buckets' columns. Encoded a slice at a time with a
+    pause between slices, so the event loop keeps serving verifications meanwhile."""
     rows = list(batch.keys.items())
-    if not rows:
-        return
-    pacer = _Pacer(len(rows))
-    parts = max(1, round(len(rows) / WRITE_PART))
-    span = max(c.key_pk for _, c in rows) + 1
-    ranges: list[list[tuple[tuple[str, datetime], _Counts]]] = [[] for _ in range(parts)]
+    parts: list[list[str]] = [[] for _ in range(9)]
     environments: dict[tuple[str, datetime], _Counts] = {}
-    async for chunk in pacer.slices(rows):
-        for row in chunk:
-            ranges[row[1].key_pk * parts // span].append(row)
+    for start in range(0, len(rows), FLUSH_SLICE):
+        if start:
+            await asyncio.sleep(FLUSH_SLICE_PAUSE)
+        chunk = rows[start : start + FLUSH_SLICE]
+        texts = [*_bucket_columns(chunk), _joined(c.key_pk for _, c in chunk)]
+        for part, text in zip(parts, texts, strict=True):
+            part.append(text)
         _add_environments(environments, chunk)
-    for part in ranges:
-        if not part:
-            continue
-        columns: list[list[str]] = [[] for _ in range(9)]
-        async for chunk in pacer.slices(part):
-            texts = [*_bucket_columns(chunk), _joined(c.key_pk for _, c in chunk)]
-            for column, text in zip(columns, texts, strict=True):
-                column.append(text)
-        await conn.execute_query(_PG_WRITE_KEYS, [",".join(column) for column in columns])
-    await conn.execute_query(_PG_WRITE_ENVIRONMENTS, _bucket_columns(sorted(environments.items())))
+    return [",".join(part) for part in parts], _bucket_columns(sorted(environments.items()))
 
 
 async def _add_to_key(
@@ -511,10 +479,14 @@ class UsageRecorder:
             ):
                 seen.setdefault(str(prefix), []).append(int(ws_pk))
             owners = {p: pks[0] for p, pks in seen.items() if len(pks) == 1}
+        columns = None
+        if self.settings.is_postgres and batch.keys:
+            columns = await _pg_count_columns(batch)  # before taking a connection
         async with in_transaction() as conn:
-            if self.settings.is_postgres:
-                await _write_counts_postgres(conn, batch)
-            else:
+            if columns is not None:
+                await conn.execute_query(_PG_WRITE_KEYS, columns[0])
+                await conn.execute_query(_PG_WRITE_ENVIRONMENTS, columns[1])
+            elif not self.settings.is_postgres:
                 await self._write_counts_orm(conn, batch)
             if denials:
                 await Denial.bulk_create(

@@ -162,12 +162,11 @@ async def test_flushed_last_use_keeps_the_exact_microsecond(
     assert bucket.bucket_start == marker[1] == hour_of(counts.last_used)
 
 
-async def test_a_flush_in_many_statements_and_slices_counts_every_key_exactly(
+async def test_a_flush_encoded_in_many_slices_counts_every_key_exactly(
     app: Starlette, rws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A large flush is written in key-range statements (WRITE_PART rows) and encoded in
-    slices (FLUSH_SLICE rows): made tiny here, so 7 keys take several of each."""
-    monkeypatch.setattr(usage_module, "WRITE_PART", 3)
+    """On PostgreSQL a flush encodes its rows FLUSH_SLICE at a time between pauses: made tiny
+    here, so 7 keys take several slices."""
     monkeypatch.setattr(usage_module, "FLUSH_SLICE", 2)
     ws, usage = rws, recorder(app)
     keys = [await ws.create_key(permissions=["pdf.read"]) for _ in range(7)]
