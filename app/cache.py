@@ -35,13 +35,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from tortoise import connections
 
 from app.background import Periodic
-from app.db import DATABASE_ERRORS
+from app.db import DATABASE_ERRORS, as_utc
 from app.net import compile_allowlist
 from app.settings import Settings
 from app.verifier import KeyRecord
@@ -130,10 +130,7 @@ def _json(value: Any) -> Any:
 
 def _time(value: Any) -> datetime | None:
     """Timestamps come back as datetimes (asyncpg) or ISO text (SQLite); always UTC-aware."""
-    if value is None or isinstance(value, datetime):
-        return value
-    parsed = datetime.fromisoformat(str(value))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return None if value is None else as_utc(value)
 
 
 def record_from_row(row: dict[str, Any]) -> KeyRecord:

@@ -11,6 +11,7 @@ HTTP 500s and hung waiters (tests/test_faults.py).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,14 @@ from tortoise.exceptions import BaseORMException
 from tortoise.migrations.api import migrate as run_migrations
 
 APP_LABEL = "keyplane"
+
+
+def as_utc(value: datetime | str) -> datetime:
+    """A timestamp read back from either backend (datetimes from asyncpg, ISO text from SQLite,
+    aggregates included), UTC-aware."""
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+
 
 DATABASE_ERRORS: tuple[type[Exception], ...] = (
     BaseORMException,

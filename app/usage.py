@@ -49,7 +49,7 @@ from tortoise.transactions import in_transaction
 
 from app.background import Periodic
 from app.clock import Clock
-from app.db import DATABASE_ERRORS
+from app.db import DATABASE_ERRORS, as_utc
 from app.settings import Settings
 from app.verifier import KeyRecord
 from models import ApiKey, Denial, UsageBucket, Workspace
@@ -216,8 +216,7 @@ class _Denial:
 @dataclass
 class _Buffers:
     # (key ID, hour) -> that key's counts in that hour. One entry per key and hour is all a
-    # verification touches; a flush derives the keys' lifetime deltas and the environments'
-    # buckets from these.
+    # verification touches; a flush derives the environments' buckets from these.
     keys: dict[tuple[str, datetime], _Counts] = field(default_factory=dict)
     denials: list[_Denial] = field(default_factory=list)
     folded: dict[tuple[str, str, str | None, datetime], _Denial] = field(default_factory=dict)
@@ -254,17 +253,16 @@ async def _pg_count_columns(batch: _Buffers) -> tuple[list[str], list[str]]:
     buckets' columns, and the environment buckets' columns. Encoded a slice at a time with a
     pause between slices, so the event loop keeps serving verifications meanwhile."""
     rows = list(batch.keys.items())
-    parts: list[list[str]] = [[] for _ in range(9)]
+    slices: list[list[str]] = []  # per slice, its text of each column
     environments: dict[tuple[str, datetime], _Counts] = {}
     for start in range(0, len(rows), FLUSH_SLICE):
         if start:
             await asyncio.sleep(FLUSH_SLICE_PAUSE)
         chunk = rows[start : start + FLUSH_SLICE]
-        texts = [*_bucket_columns(chunk), _joined(c.key_pk for _, c in chunk)]
-        for part, text in zip(parts, texts, strict=True):
-            part.append(text)
+        slices.append([*_bucket_columns(chunk), _joined(c.key_pk for _, c in chunk)])
         _add_environments(environments, chunk)
-    return [",".join(part) for part in parts], _bucket_columns(sorted(environments.items()))
+    keys = [",".join(column) for column in zip(*slices, strict=True)]
+    return keys, _bucket_columns(sorted(environments.items()))
 
 
 async def _add_to_key(
@@ -479,15 +477,15 @@ class UsageRecorder:
             ):
                 seen.setdefault(str(prefix), []).append(int(ws_pk))
             owners = {p: pks[0] for p, pks in seen.items() if len(pks) == 1}
-        columns = None
-        if self.settings.is_postgres and batch.keys:
-            columns = await _pg_count_columns(batch)  # before taking a connection
+        postgres = self.settings.is_postgres
+        # Encoded before taking a connection; nothing to encode without key counts.
+        columns = await _pg_count_columns(batch) if postgres and batch.keys else None
         async with in_transaction() as conn:
-            if columns is not None:
+            if not postgres:
+                await self._write_counts_orm(conn, batch)
+            elif columns is not None:
                 await conn.execute_query(_PG_WRITE_KEYS, columns[0])
                 await conn.execute_query(_PG_WRITE_ENVIRONMENTS, columns[1])
-            elif not self.settings.is_postgres:
-                await self._write_counts_orm(conn, batch)
             if denials:
                 await Denial.bulk_create(
                     [
@@ -673,9 +671,3 @@ async def pending_usage(key_ids: list[str]) -> dict[str, PendingUsage]:
         )
         for r in rows
     }
-
-
-def as_utc(value: datetime | str) -> datetime:
-    """A timestamp read back from either backend (aggregates are text on SQLite), UTC-aware."""
-    moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -20,6 +20,7 @@ from enum import Enum
 from tortoise.expressions import Q
 from tortoise.functions import Max, Sum
 
+from app.db import as_utc
 from app.errors import NotFound, ValidationFailed
 from app.net import parse_address
 from app.permissions import KEY_VIEW
@@ -28,7 +29,7 @@ from app.services.environments import get_environment
 from app.services.keys import check_page_size, decode_cursor, encode_cursor
 from app.services.principal import Principal
 from app.services.validation import require_public_id
-from app.usage import MANY_IPS, as_utc, pending_usage
+from app.usage import MANY_IPS, pending_usage
 from app.verifier import Code
 from models import ApiKey, Denial, Environment, UsageBucket
 
@@ -284,14 +285,8 @@ async def denials_by_ip(
         IpDenials(
             ip=row["ip"],
             count=int(row["total"]),
-            last_at=row["last"] if isinstance(row["last"], datetime) else _parse(row["last"]),
+            last_at=as_utc(row["last"]),
             codes=sorted(codes[row["ip"]]),
         )
         for row in grouped
     ]
-
-
-def _parse(value: object) -> datetime:
-    """SQLite returns MAX(at) as text."""
-    parsed = datetime.fromisoformat(str(value))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
