@@ -17,6 +17,13 @@ moment. A late write into an hour already rolled up (a batch kept through a data
 adds to the key's counters itself, in the same statement; the roll-up skips buckets a flush
 holds, so each delta is counted once whichever runs first, with any number of processes.
 
+Each process writes bucket rows of its own (`usage_buckets.writer`, random per process), so no
+two processes lock the same row and no statement needs a lock order; readers sum a key's rows
+per hour. On PostgreSQL a process remembers the row IDs of its pending buckets of the current
+hour and updates those by ID (a third less PostgreSQL work than the upsert); a row gone meanwhile
+is found missing and upserted again. The PostgreSQL roll-up merges a closed hour's rows into one
+(writer MERGED_WRITER) rather than marking them; on SQLite it marks them rolled in place.
+
 Counting rules (CONTRACT §4): a VALID verification adds a successful request and sets
 `lastUsedAt`; a refusal that names a known key adds a failed request. Every refusal is a denial.
 
@@ -36,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -73,9 +81,12 @@ FLUSH_SLICE_PAUSE = 0.001
 ROLLUP_CHUNK = 5000  # closed buckets added to their keys' counters per roll-up statement
 ROLLUP_EVERY_SECONDS = 60.0
 
+MERGED_WRITER = -1  # `usage_buckets.writer` of the row the roll-up merges a closed hour into
+
 _BUCKET_INSERT = """INSERT INTO usage_buckets AS b (workspace_id, environment_id, key_id,
-    bucket_start, total_requests, successful_requests, failed_requests, last_used_at, rolled)"""
-_BUCKET_UPSERT = """ON CONFLICT (key_id, bucket_start) DO UPDATE SET
+    bucket_start, total_requests, successful_requests, failed_requests, last_used_at, rolled,
+    writer)"""
+_BUCKET_UPSERT = """ON CONFLICT (key_id, bucket_start, writer) DO UPDATE SET
     total_requests = b.total_requests + EXCLUDED.total_requests,
     successful_requests = b.successful_requests + EXCLUDED.successful_requests,
     failed_requests = b.failed_requests + EXCLUDED.failed_requests,
@@ -91,44 +102,74 @@ _ADD_TO_KEYS = """UPDATE api_keys AS k SET
 # element cost the event loop about 4.5 ms per 1,000 rows, this 1.5-2 ms (in slices, above).
 _BUCKET_ROWS = """SELECT ws, env, key_id, TIMESTAMPTZ 'epoch' + hour_us * INTERVAL '1 microsecond'
            AS hour, total, ok, failed,
-           TIMESTAMPTZ 'epoch' + last_us * INTERVAL '1 microsecond' AS last_used{extra}
+           TIMESTAMPTZ 'epoch' + last_us * INTERVAL '1 microsecond' AS last_used
     FROM unnest(string_to_array($1, ',')::int[], string_to_array($2, ',')::int[],
                 string_to_array($3, ',')::varchar[], string_to_array($4, ',')::bigint[],
                 string_to_array($5, ',')::bigint[], string_to_array($6, ',')::bigint[],
-                string_to_array($7, ',')::bigint[], string_to_array($8, ',', '')::bigint[]{more})
-        AS v(ws, env, key_id, hour_us, total, ok, failed, last_us{named})"""
+                string_to_array($7, ',')::bigint[], string_to_array($8, ',', '')::bigint[])
+        AS v(ws, env, key_id, hour_us, total, ok, failed, last_us)"""
+# Every bucket row belongs to one writer (a process: $9 here, $10 below), so no two processes
+# ever lock the same row and the statements need no lock order.
 _PG_WRITE_ENVIRONMENTS = f"""{_BUCKET_INSERT}
-SELECT *, TRUE FROM ({_BUCKET_ROWS.format(extra="", more="", named="")}) AS rows
+SELECT *, TRUE, $9::bigint FROM ({_BUCKET_ROWS}) AS rows
 {_BUCKET_UPSERT}"""
-# Key buckets: upserted as pending, in key order, so two processes flushing the same keys lock
-# them in the same order. A bucket the roll-up already closed (a late write for an earlier hour)
-# also adds its delta to the key's counters, in the same statement.
-_KEY_ROWS = _BUCKET_ROWS.format(
-    extra=", key_pk", more=", string_to_array($9, ',')::int[]", named=", key_pk"
-)
+# Key buckets: upserted as pending. Returns the row IDs of the pending buckets of hour $9, for the
+# next flush to update by ID. A conflict with a bucket already rolled up (only the ORM path rolls
+# rows in place; kept so that such a row is still counted once) adds its delta to the key's
+# counters, in the same statement.
 _PG_WRITE_KEYS = f"""WITH v AS (
-    {_KEY_ROWS}
+    {_BUCKET_ROWS}
 ), up AS (
     {_BUCKET_INSERT}
-    SELECT ws, env, key_id, hour, total, ok, failed, last_used, FALSE FROM v
-    ORDER BY key_pk, hour
+    SELECT ws, env, key_id, hour, total, ok, failed, last_used, FALSE, $10::bigint FROM v
     {_BUCKET_UPSERT}
-    RETURNING b.key_id, b.bucket_start, b.rolled
-)
-{_ADD_TO_KEYS}
-    FROM (SELECT v.key_pk, sum(v.total) AS total, sum(v.ok) AS ok, sum(v.failed) AS failed,
+    RETURNING b.id, b.key_id, b.bucket_start, b.rolled
+), added AS (
+    {_ADD_TO_KEYS}
+    FROM (SELECT v.key_id, sum(v.total) AS total, sum(v.ok) AS ok, sum(v.failed) AS failed,
                  max(v.last_used) AS last_used
           FROM up JOIN v ON v.key_id = up.key_id AND v.hour = up.bucket_start
-          WHERE up.rolled GROUP BY v.key_pk) AS s
-    WHERE k.id = s.key_pk"""
-# The roll-up: closed key buckets (hours before $1) added to their keys' counters and marked,
-# ROLLUP_CHUNK at a time; rows a flush holds are skipped and taken by a later pass.
+          WHERE up.rolled GROUP BY v.key_id) AS s
+    WHERE k.public_id = s.key_id
+)
+SELECT array_agg(id) AS ids, array_agg(key_id) AS key_ids FROM up
+    WHERE NOT rolled
+      AND bucket_start = TIMESTAMPTZ 'epoch' + $9::bigint * INTERVAL '1 microsecond'"""
+# Key buckets this process holds the row ID of (its pending buckets of the current hour): updated
+# by ID, about half the upsert's work for PostgreSQL. Returns the IDs it did not find pending (the
+# roll-up merged the row meanwhile, or the key was deleted); the flush upserts those instead.
+_PG_UPDATE_KEYS = """WITH v AS (
+    SELECT * FROM unnest(string_to_array($1, ',')::bigint[], string_to_array($2, ',')::bigint[],
+                         string_to_array($3, ',')::bigint[], string_to_array($4, ',')::bigint[],
+                         string_to_array($5, ',', '')::bigint[])
+        AS v(id, total, ok, failed, last_us)
+), up AS (
+    UPDATE usage_buckets AS b SET
+        total_requests = b.total_requests + v.total,
+        successful_requests = b.successful_requests + v.ok,
+        failed_requests = b.failed_requests + v.failed,
+        last_used_at = GREATEST(b.last_used_at,
+                                TIMESTAMPTZ 'epoch' + v.last_us * INTERVAL '1 microsecond')
+    FROM v WHERE b.id = v.id AND NOT b.rolled
+    RETURNING b.id
+)
+SELECT array_agg(id) AS missed FROM v WHERE id NOT IN (SELECT id FROM up)"""
+# The roll-up: closed key buckets (hours before $1), ROLLUP_CHUNK at a time, added to their keys'
+# counters and merged into one rolled row per key and hour (writer MERGED_WRITER), whatever
+# number of processes wrote them. Rows a flush holds are skipped and taken by a later pass.
 _PG_ROLLUP = f"""WITH c AS (
-    UPDATE usage_buckets AS b SET rolled = TRUE
+    DELETE FROM usage_buckets AS b
     WHERE b.id IN (SELECT id FROM usage_buckets WHERE NOT rolled AND bucket_start < $1
                    LIMIT $2 FOR UPDATE SKIP LOCKED)
-    RETURNING b.key_id, b.total_requests, b.successful_requests, b.failed_requests,
-              b.last_used_at
+    RETURNING b.workspace_id, b.environment_id, b.key_id, b.bucket_start, b.total_requests,
+              b.successful_requests, b.failed_requests, b.last_used_at
+), merged AS (
+    {_BUCKET_INSERT}
+    SELECT min(workspace_id), min(environment_id), key_id, bucket_start, sum(total_requests),
+           sum(successful_requests), sum(failed_requests), max(last_used_at), TRUE,
+           {MERGED_WRITER}
+    FROM c GROUP BY key_id, bucket_start
+    {_BUCKET_UPSERT}
 ), added AS (
     {_ADD_TO_KEYS}
     FROM (SELECT key_id, sum(total_requests) AS total, sum(successful_requests) AS ok,
@@ -143,6 +184,11 @@ def _joined(values: Iterable[object]) -> str:
     return ",".join([str(value) for value in values])
 
 
+def _epoch(moment: datetime) -> int:
+    """Epoch microseconds, as the flush statements read timestamps back."""
+    return round(moment.timestamp() * 1_000_000)
+
+
 def _epochs(moments: Iterable[datetime | None]) -> str:
     """Epoch microseconds, comma-separated; an empty field for None (read back as NULL).
     Integers: formatting a float's repr took twice as long."""
@@ -154,7 +200,7 @@ def _epochs(moments: Iterable[datetime | None]) -> str:
             continue
         text = seen.get(moment)
         if text is None:
-            text = seen[moment] = str(round(moment.timestamp() * 1_000_000))
+            text = seen[moment] = str(_epoch(moment))
         out.append(text)
     return ",".join(out)
 
@@ -182,7 +228,6 @@ def hour_of(moment: datetime) -> datetime:
 class _Counts:
     """One key's verifications in one hour (the unit a flush writes), or one environment's."""
 
-    key_pk: int
     workspace_pk: int
     environment_pk: int
     environment_id: str
@@ -243,26 +288,66 @@ def _add_environments(
         seen = out.get(marker)
         if seen is None:
             seen = out[marker] = _Counts(
-                0, counts.workspace_pk, counts.environment_pk, counts.environment_id
+                counts.workspace_pk, counts.environment_pk, counts.environment_id
             )
         seen.add(counts)
 
 
-async def _pg_count_columns(batch: _Buffers) -> tuple[list[str], list[str]]:
-    """The parameters of the two PostgreSQL statements writing a batch's counts: the key
-    buckets' columns, and the environment buckets' columns. Encoded a slice at a time with a
-    pause between slices, so the event loop keeps serving verifications meanwhile."""
+def _id_columns(rows: list[tuple[int, _Counts]]) -> list[str]:
+    """The columns of `_PG_UPDATE_KEYS`: bucket row ID and the deltas."""
+    return [
+        _joined(bucket for bucket, _ in rows),
+        _joined(c.total for _, c in rows),
+        _joined(c.successful for _, c in rows),
+        _joined(c.failed for _, c in rows),
+        _epochs(c.last_used for _, c in rows),
+    ]
+
+
+def _concatenated(slices: list[list[str]]) -> list[str] | None:
+    """Per-slice column texts joined into one text per column; None for no rows."""
+    return [",".join(column) for column in zip(*slices, strict=True)] if slices else None
+
+
+@dataclass
+class _PgColumns:
+    """A batch's counts as the PostgreSQL flush statements take them."""
+
+    by_id: list[str] | None  # `_PG_UPDATE_KEYS`: buckets whose row ID this process knows
+    upsert: list[str] | None  # `_PG_WRITE_KEYS`: the other key buckets
+    environments: list[str]  # `_PG_WRITE_ENVIRONMENTS`
+
+
+async def _pg_count_columns(batch: _Buffers, ids: dict[str, int], hour: datetime) -> _PgColumns:
+    """The parameters of the PostgreSQL statements writing a batch's counts. `ids`: the bucket
+    row IDs known for `hour`'s buckets, by key ID. Encoded a slice at a time with a pause
+    between slices, so the event loop keeps serving verifications meanwhile."""
     rows = list(batch.keys.items())
-    slices: list[list[str]] = []  # per slice, its text of each column
+    by_id: list[list[str]] = []  # per slice, its text of each column
+    upsert: list[list[str]] = []
     environments: dict[tuple[str, datetime], _Counts] = {}
     for start in range(0, len(rows), FLUSH_SLICE):
         if start:
             await asyncio.sleep(FLUSH_SLICE_PAUSE)
         chunk = rows[start : start + FLUSH_SLICE]
-        slices.append([*_bucket_columns(chunk), _joined(c.key_pk for _, c in chunk)])
+        known: list[tuple[int, _Counts]] = []
+        new: list[tuple[tuple[str, datetime], _Counts]] = []
+        for marker, counts in chunk:
+            bucket = ids.get(marker[0]) if marker[1] == hour else None
+            if bucket is None:
+                new.append((marker, counts))
+            else:
+                known.append((bucket, counts))
+        if known:
+            by_id.append(_id_columns(known))
+        if new:
+            upsert.append(_bucket_columns(new))
         _add_environments(environments, chunk)
-    keys = [",".join(column) for column in zip(*slices, strict=True)]
-    return keys, _bucket_columns(sorted(environments.items()))
+    return _PgColumns(
+        _concatenated(by_id),
+        _concatenated(upsert),
+        _bucket_columns(sorted(environments.items())),
+    )
 
 
 async def _add_to_key(
@@ -306,6 +391,12 @@ class UsageRecorder:
         self._loop = Periodic(settings.flush_interval_seconds, self._tick, self._lock)
         self._last_prune = 0.0
         self._last_rollup = 0.0
+        # This process's bucket rows are its own (`usage_buckets.writer`): no other process
+        # locks them. On PostgreSQL it keeps the row IDs of its pending key buckets of the
+        # current hour, by key ID (at most cache_size of them): the next flush updates by ID.
+        self.writer = secrets.randbelow(2**63 - 1) + 1
+        self._ids_hour: datetime | None = None
+        self._bucket_ids: dict[str, int] = {}
         # For /metrics.
         self.last_flush_monotonic = time.monotonic()
         self.flushes = 0
@@ -381,7 +472,7 @@ class UsageRecorder:
         counts = self._buffers.keys.get(marker)
         if counts is None:
             counts = self._buffers.keys[marker] = _Counts(
-                key.key_pk, key.workspace_pk, key.environment_pk, key.environment_id
+                key.workspace_pk, key.environment_pk, key.environment_id
             )
         counts.total += 1
         if valid:
@@ -478,14 +569,36 @@ class UsageRecorder:
                 seen.setdefault(str(prefix), []).append(int(ws_pk))
             owners = {p: pks[0] for p, pks in seen.items() if len(pks) == 1}
         postgres = self.settings.is_postgres
+        hour = self._hour(self.clock.now())
+        if hour != self._ids_hour:
+            self._ids_hour, self._bucket_ids = hour, {}
         # Encoded before taking a connection; nothing to encode without key counts.
-        columns = await _pg_count_columns(batch) if postgres and batch.keys else None
+        columns = (
+            await _pg_count_columns(batch, self._bucket_ids, hour)
+            if postgres and batch.keys
+            else None
+        )
+        learned: dict[str, int] = {}
+        missed: list[str] = []
         async with in_transaction() as conn:
             if not postgres:
-                await self._write_counts_orm(conn, batch)
+                await self._write_counts_orm(conn, batch, self.writer)
             elif columns is not None:
-                await conn.execute_query(_PG_WRITE_KEYS, columns[0])
-                await conn.execute_query(_PG_WRITE_ENVIRONMENTS, columns[1])
+                upsert = columns.upsert
+                if columns.by_id is not None:
+                    _, rows = await conn.execute_query(_PG_UPDATE_KEYS, columns.by_id)
+                    if rows[0]["missed"]:
+                        missed, again = self._missed(batch, hour, rows[0]["missed"])
+                        upsert = _concatenated([*([upsert] if upsert else []), again])
+                if upsert is not None:
+                    _, rows = await conn.execute_query(
+                        _PG_WRITE_KEYS, [*upsert, _epoch(hour), self.writer]
+                    )
+                    if rows[0]["ids"]:
+                        learned = dict(zip(rows[0]["key_ids"], rows[0]["ids"], strict=True))
+                await conn.execute_query(
+                    _PG_WRITE_ENVIRONMENTS, [*columns.environments, self.writer]
+                )
             if denials:
                 await Denial.bulk_create(
                     [
@@ -507,9 +620,30 @@ class UsageRecorder:
                     batch_size=1000,
                     using_db=conn,
                 )
+        # Committed: remember the row IDs of this hour's pending buckets, within bounds.
+        for key_id in missed:
+            self._bucket_ids.pop(key_id, None)
+        room = self.settings.cache_size - len(self._bucket_ids)
+        if learned and room > 0:
+            self._bucket_ids.update(
+                learned if len(learned) <= room else list(learned.items())[:room]
+            )
+
+    def _missed(
+        self, batch: _Buffers, hour: datetime, bucket_ids: list[int]
+    ) -> tuple[list[str], list[str]]:
+        """Bucket rows an update by ID did not find (rolled up or deleted meanwhile): their key
+        IDs, and their rows encoded for the upsert instead."""
+        gone = set(bucket_ids)
+        rows = [
+            (marker, counts)
+            for marker, counts in batch.keys.items()
+            if marker[1] == hour and self._bucket_ids.get(marker[0]) in gone
+        ]
+        return [marker[0] for marker, _ in rows], _bucket_columns(rows)
 
     @staticmethod
-    async def _write_counts_orm(conn: BaseDBAsyncClient, batch: _Buffers) -> None:
+    async def _write_counts_orm(conn: BaseDBAsyncClient, batch: _Buffers, writer: int) -> None:
         """SQLite (one process): the same rules through the ORM. Key buckets are written as
         pending; a late write into a bucket the roll-up already closed also goes to the key's
         counters."""
@@ -520,6 +654,7 @@ class UsageRecorder:
         existing = {
             (b.key_id, b.bucket_start): b
             for b in await UsageBucket.filter(
+                writer=writer,
                 key_id__in={m[0] for m in buckets},
                 bucket_start__in={m[1] for m in buckets},
             ).using_db(conn)
@@ -540,6 +675,7 @@ class UsageRecorder:
                         failed_requests=c.failed,
                         last_used_at=c.last_used,
                         rolled=(key_id, start) in environments,
+                        writer=writer,
                     )
                 )
                 continue

@@ -219,10 +219,15 @@ class UsageBucket(Model):
     # (api_keys); a key's totals are its counters plus its pending buckets. Environment
     # buckets are never part of a key's counters: written as rolled.
     rolled = fields.BooleanField(default=False, db_default=False)
+    # The process that wrote the row (random per process, see app.usage), so processes never
+    # lock each other's rows; -1 (app.usage.MERGED_WRITER) for the row the roll-up merges a
+    # closed hour's rows into; 0 for rows written before writers existed. Readers sum a key's
+    # rows per hour.
+    writer = fields.BigIntField(default=0, db_default=0)
 
     class Meta:
         table = "usage_buckets"
-        unique_together = (("key_id", "bucket_start"),)
+        unique_together = (("key_id", "bucket_start", "writer"),)
         indexes = (("environment_id", "bucket_start"),)
 
 

@@ -96,7 +96,7 @@ async def test_first_use_of_a_held_permission_and_a_lacking_one_are_anomalies(
     assert await recorder.flush() == 0
 
 
-async def _bucket(key_id: str, start: datetime, total: int, failed: int) -> None:
+async def _bucket(key_id: str, start: datetime, total: int, failed: int, writer: int = 1) -> None:
     key = await ApiKey.get(public_id=key_id)
     await UsageBucket.create(
         workspace_id=key.workspace_id,
@@ -106,6 +106,7 @@ async def _bucket(key_id: str, start: datetime, total: int, failed: int) -> None
         total_requests=total,
         successful_requests=total - failed,
         failed_requests=failed,
+        writer=writer,
     )
 
 
@@ -143,7 +144,9 @@ async def test_off_hours_use_is_reported_only_when_business_hours_are_set(
     # Saturday 2026-11-21 03:00 in Paris is 02:00 UTC; Monday 10:00 Paris is 09:00 UTC.
     saturday_night = datetime(2026, 11, 21, 2, tzinfo=UTC)
     monday_morning = datetime(2026, 11, 23, 9, tzinfo=UTC)
-    await _bucket(key_id, saturday_night, total=42, failed=0)
+    # That hour was written by two processes: one finding, for the hour's sum.
+    await _bucket(key_id, saturday_night, total=30, failed=0, writer=1)
+    await _bucket(key_id, saturday_night, total=12, failed=0, writer=2)
     await _bucket(key_id, monday_morning, total=7, failed=0)
     since = datetime(2026, 11, 20, tzinfo=UTC)
     assert await _kinds(ws, key_id, since) == []  # no business hours: no detector

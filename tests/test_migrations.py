@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from tests.conftest import BACKEND
 from tests.pgserver import PostgresServer
@@ -69,6 +70,53 @@ def test_usage_rollup_migration_upgrades_a_database_with_buckets(
         ("key_new", False, None),
         ("key_old", True, None),
     ]
+
+
+def test_bucket_writers_migration_keeps_every_row_and_indexes(
+    tmp_path: Path, pg_server: PostgresServer | None
+) -> None:
+    url = _database(tmp_path, pg_server, "writers")
+    migrate(url, "keyplane.0004_usage_rollup")
+    run(
+        url,
+        OLD_BUCKET.replace("(workspace_id", "(rolled, workspace_id").replace(
+            "VALUES (", "VALUES (TRUE, "
+        ),
+    )
+    run(url, NEW_BUCKET)
+    migrate(url)
+    rows = run(
+        url, "SELECT key_id, rolled, writer, total_requests FROM usage_buckets ORDER BY key_id"
+    )
+    assert [(k, bool(r), w, t) for k, r, w, t in rows] == [
+        ("key_new", False, 0, 5),
+        ("key_old", True, 0, 5),
+    ]
+    # One row per (key, hour, writer): another process's row for the same hour is its own...
+    run(
+        url,
+        NEW_BUCKET.replace("failed_requests)", "failed_requests, writer)").replace(
+            ", 1)", ", 1, 7)"
+        ),
+    )
+    assert run(url, "SELECT count(*) FROM usage_buckets WHERE key_id = 'key_new'") == [(2,)]
+    # ...and the same writer's second row is refused.
+    with pytest.raises((sqlite3.IntegrityError, asyncpg.UniqueViolationError)):
+        run(url, NEW_BUCKET)
+    # The pending-bucket index survived (SQLite rebuilds the table to change its UNIQUE).
+    if url.startswith("sqlite://"):
+        indexes = run(url, "SELECT name FROM sqlite_master WHERE tbl_name = 'usage_buckets'")
+    else:
+        indexes = run(url, "SELECT indexname FROM pg_indexes WHERE tablename = 'usage_buckets'")
+    assert ("idx_usage_buckets_unrolled",) in indexes
+
+
+def _database(tmp_path: Path, pg_server: PostgresServer | None, name: str) -> str:
+    if BACKEND == "postgres":
+        assert pg_server is not None
+        pg_server.create_database(name)
+        return pg_server.url(name)
+    return f"sqlite://{tmp_path / (name + '.db')}"
 
 
 def run(url: str, sql: str) -> list[tuple[object, ...]]:

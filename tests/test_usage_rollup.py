@@ -18,8 +18,11 @@ import pytest
 from starlette.applications import Starlette
 
 from app import usage as usage_module
-from app.usage import UsageRecorder, hour_of
+from app.cache import record_from_model
+from app.settings import Settings
+from app.usage import MERGED_WRITER, UsageRecorder, hour_of
 from models import ApiKey, UsageBucket
+from tests.conftest import BACKEND
 from tests.support import OffsetClock, WorkspaceHandle
 
 KEY_USAGE = """query($id: ID!) { key(id: $id) { lastUsedAt usage {
@@ -80,30 +83,31 @@ async def test_rollup_moves_closed_hours_into_the_key_counters_exactly_once(
     last_used = (await ws.q(KEY_USAGE, {"id": key_id}))["key"]["lastUsedAt"]
     assert last_used is not None
 
-    # The hour closes: the roll-up moves the bucket into the key's counters.
+    # The hour closes: the roll-up moves the bucket into the key's counters (on PostgreSQL it
+    # merges the hour's rows, one per writing process, into one rolled row).
     assert await usage.rollup(now=hour + timedelta(hours=1, minutes=1)) >= 1
-    await bucket.refresh_from_db()
+    [bucket] = await UsageBucket.filter(key_id=key_id)
     assert bucket.rolled and bucket.total_requests == 7
+    assert bucket.bucket_start == hour
     assert await stored(key_id) == (7, 5, 2)
     assert (await ApiKey.get(public_id=key_id)).last_used_at is not None
     assert await shown(ws, key_id) == (7, 5, 2)  # not counted twice
     assert (await ws.q(KEY_USAGE, {"id": key_id}))["key"]["lastUsedAt"] == last_used
 
-    # A late write into the rolled-up hour (a batch kept through an outage) goes to the key's
-    # counters as well as to its bucket, once; a later roll-up changes nothing.
+    # A late write into the rolled-up hour (a batch kept through an outage) is counted once:
+    # shown at once, in the key's counters after the next roll-up at the latest.
     assert [await verify(ws, secret) for _ in range(3)] == ["VALID"] * 3
-    if hour_of(clock.now()) == hour:  # still the same hour: these land in the closed bucket
-        assert await usage.flush()
-        await bucket.refresh_from_db()
-        assert bucket.rolled and bucket.total_requests == 10
-        assert await stored(key_id) == (10, 8, 2)
-    else:
-        assert await usage.flush()
+    assert await usage.flush()
     assert await shown(ws, key_id) == (10, 8, 2)
     await usage.rollup(now=hour + timedelta(hours=2))
     assert await shown(ws, key_id) == (10, 8, 2)
     assert await stored(key_id) == (10, 8, 2)
     assert not await UsageBucket.filter(key_id=key_id, rolled=False).exists()
+    rows = await UsageBucket.filter(key_id=key_id)
+    assert sum(b.total_requests for b in rows) == 10
+    if BACKEND == "postgres":  # one merged row per hour, whichever process wrote it
+        assert {b.writer for b in rows} == {MERGED_WRITER}
+        assert len(rows) == len({b.bucket_start for b in rows})
 
 
 async def test_environment_usage_shows_the_latest_use_before_and_after_rollup(
@@ -180,3 +184,82 @@ async def test_a_flush_encoded_in_many_slices_counts_every_key_exactly(
         assert (bucket.total_requests, bucket.rolled) == (n + 1, False)
     env = (await ws.q(ENV_USAGE, {"env": None}))["usage"]["totals"]
     assert env["totalRequests"] == sum(n + 1 for n in range(1, 8))
+
+
+async def test_each_process_writes_its_own_bucket_rows_and_the_rollup_merges_them(
+    app: Starlette, rws: WorkspaceHandle, settings: Settings, clock: OffsetClock
+) -> None:
+    """Two processes (two recorders) counting one key in one hour never share a row, so they
+    never wait on each other's locks; the usage shown is their sum, and the roll-up leaves one
+    row per hour on PostgreSQL."""
+    ws, usage = rws, recorder(app)
+    other = UsageRecorder(settings, clock)
+    assert other.writer != usage.writer
+    key_id, secret = await ws.create_key()
+    key = record_from_model(
+        await ApiKey.get(public_id=key_id).select_related("environment", "workspace", "role")
+    )
+    assert [await verify(ws, secret) for _ in range(4)] == ["VALID"] * 4
+    for _ in range(6):
+        other.record(
+            now=clock.now(), code="VALID", key=key, ip="198.19.7.8", origin=None, message=""
+        )
+    hour = hour_of(clock.now())
+    assert await usage.flush() and await other.flush()
+    rows = await UsageBucket.filter(key_id=key_id, bucket_start=hour).order_by("total_requests")
+    assert [(b.writer, b.total_requests) for b in rows] == [(usage.writer, 4), (other.writer, 6)]
+    assert await shown(ws, key_id) == (10, 10, 0)
+    env = (await ws.q(ENV_USAGE, {"env": None}))["usage"]["totals"]
+    assert env["totalRequests"] == 10
+
+    assert await usage.rollup(now=hour + timedelta(hours=1)) >= 2
+    assert await stored(key_id) == (10, 10, 0)
+    assert await shown(ws, key_id) == (10, 10, 0)
+    rows = await UsageBucket.filter(key_id=key_id)
+    assert sum(b.total_requests for b in rows) == 10 and all(b.rolled for b in rows)
+    if BACKEND == "postgres":
+        assert [(b.writer, b.total_requests) for b in rows] == [(MERGED_WRITER, 10)]
+
+
+@pytest.mark.skipif(BACKEND != "postgres", reason="updates by row ID are the PostgreSQL flush")
+async def test_a_key_flushed_again_in_the_hour_is_updated_by_its_bucket_id(
+    app: Starlette, rws: WorkspaceHandle, clock: OffsetClock
+) -> None:
+    ws, usage = rws, recorder(app)
+    key_id, secret = await ws.create_key()
+    assert [await verify(ws, secret) for _ in range(2)] == ["VALID"] * 2
+    assert await usage.flush()
+    [bucket] = await UsageBucket.filter(key_id=key_id)
+    assert usage._bucket_ids[key_id] == bucket.id
+    assert [await verify(ws, secret) for _ in range(3)] == ["VALID"] * 3
+    assert await usage.flush()
+    [again] = await UsageBucket.filter(key_id=key_id)
+    assert (again.id, again.total_requests, again.rolled) == (bucket.id, 5, False)
+    assert await shown(ws, key_id) == (5, 5, 0)
+
+
+@pytest.mark.skipif(BACKEND != "postgres", reason="updates by row ID are the PostgreSQL flush")
+@pytest.mark.parametrize("meanwhile", ["merged by a roll-up", "deleted"])
+async def test_a_bucket_row_gone_before_its_update_by_id_is_written_again(
+    app: Starlette, rws: WorkspaceHandle, clock: OffsetClock, meanwhile: str
+) -> None:
+    """The row ID a process remembers can go (another process's clock already in the next hour
+    merged it; the row was deleted): the update by ID finds nothing, and the flush upserts the
+    counts instead: none is lost."""
+    ws, usage = rws, recorder(app)
+    key_id, secret = await ws.create_key()
+    assert [await verify(ws, secret) for _ in range(2)] == ["VALID"] * 2
+    assert await usage.flush()
+    remembered = usage._bucket_ids[key_id]
+    if meanwhile == "deleted":
+        await UsageBucket.filter(id=remembered).delete()
+        expected = 3
+    else:
+        assert await usage.rollup(now=hour_of(clock.now()) + timedelta(hours=1)) >= 1
+        expected = 5
+    assert [await verify(ws, secret) for _ in range(3)] == ["VALID"] * 3
+    assert await usage.flush()
+    assert await shown(ws, key_id) == (expected, expected, 0)
+    [pending] = await UsageBucket.filter(key_id=key_id, rolled=False)
+    assert pending.total_requests == 3 and pending.writer == usage.writer
+    assert usage._bucket_ids[key_id] == pending.id != remembered

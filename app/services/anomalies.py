@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from tortoise.transactions import in_transaction
 
+from app.db import as_utc
 from app.errors import ValidationFailed
 from app.permissions import KEY_UPDATE, KEY_VIEW
 from app.services import Services, audit
@@ -191,21 +192,25 @@ async def list_anomalies(
     if hours_set is not None:
         zone = ZoneInfo(hours_set.time_zone)
         since_hour = since.replace(minute=0, second=0, microsecond=0)
-        for bucket in await UsageBucket.filter(
+        # A key's hour can be several rows (one per process that wrote it): summed.
+        used: dict[tuple[str, datetime], int] = defaultdict(int)
+        for key_id, start, total in await UsageBucket.filter(
             **scope,
             key_id__startswith=KEY_BUCKETS,
             bucket_start__gte=since_hour,
             total_requests__gt=0,
-        ).order_by("-bucket_start"):
-            if hours_set.contains(bucket.bucket_start):
+        ).values_list("key_id", "bucket_start", "total_requests"):
+            used[(key_id, as_utc(start))] += total
+        for (key_id, start), total in sorted(used.items(), key=lambda u: u[0][1], reverse=True):
+            if hours_set.contains(start):
                 continue
-            local = bucket.bucket_start.astimezone(zone)
+            local = start.astimezone(zone)
             findings.append(
                 Finding(
                     "OFF_HOURS",
-                    bucket.key_id,
-                    bucket.bucket_start,
-                    f"{bucket.total_requests} requests at {local:%a %Y-%m-%d %H:00} "
+                    key_id,
+                    start,
+                    f"{total} requests at {local:%a %Y-%m-%d %H:00} "
                     f"{hours_set.time_zone}, outside business hours ({hours_set.describe()})",
                 )
             )
