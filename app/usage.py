@@ -14,7 +14,8 @@ before the current one) adds it to its key's counters and marks it rolled, and a
 are its counters plus its pending buckets (`pending_usage`, one indexed read for a page of
 keys). So a flush writes one row per key in use, not two, and the figures are exact at every
 moment. A late write into an hour already rolled up (a batch kept through a database outage)
-adds to the key's counters itself, in the same statement; the roll-up skips buckets a flush
+is counted once: on SQLite it adds to the key's counters itself, in the same transaction; on
+PostgreSQL it is a new pending row, for the next roll-up. The roll-up skips buckets a flush
 holds, so each delta is counted once whichever runs first, with any number of processes.
 
 Each process writes bucket rows of its own (`usage_buckets.writer`, random per process), so no
@@ -113,31 +114,22 @@ _BUCKET_ROWS = """SELECT ws, env, key_id, TIMESTAMPTZ 'epoch' + hour_us * INTERV
 _PG_WRITE_ENVIRONMENTS = f"""{_BUCKET_INSERT}
 SELECT *, TRUE, $9::bigint FROM ({_BUCKET_ROWS}) AS rows
 {_BUCKET_UPSERT}"""
-# Key buckets: upserted as pending. Returns the row IDs of the pending buckets of hour $9, for the
-# next flush to update by ID. A conflict with a bucket already rolled up (only the ORM path rolls
-# rows in place; kept so that such a row is still counted once) adds its delta to the key's
-# counters, in the same statement.
-_PG_WRITE_KEYS = f"""WITH v AS (
-    {_BUCKET_ROWS}
-), up AS (
+# Key buckets: upserted as pending. Returns their row IDs for hour $9, for the next flush to
+# update by ID. On PostgreSQL a writer's rows are always pending: the roll-up does not mark them,
+# it merges them into a MERGED_WRITER row and deletes them, so a late write for a closed hour
+# lands in a new pending row of its own, for the next roll-up.
+_PG_WRITE_KEYS = f"""WITH up AS (
     {_BUCKET_INSERT}
-    SELECT ws, env, key_id, hour, total, ok, failed, last_used, FALSE, $10::bigint FROM v
+    SELECT ws, env, key_id, hour, total, ok, failed, last_used, FALSE, $10::bigint
+    FROM ({_BUCKET_ROWS}) AS v
     {_BUCKET_UPSERT}
-    RETURNING b.id, b.key_id, b.bucket_start, b.rolled
-), added AS (
-    {_ADD_TO_KEYS}
-    FROM (SELECT v.key_id, sum(v.total) AS total, sum(v.ok) AS ok, sum(v.failed) AS failed,
-                 max(v.last_used) AS last_used
-          FROM up JOIN v ON v.key_id = up.key_id AND v.hour = up.bucket_start
-          WHERE up.rolled GROUP BY v.key_id) AS s
-    WHERE k.public_id = s.key_id
+    RETURNING b.id, b.key_id, b.bucket_start
 )
 SELECT array_agg(id) AS ids, array_agg(key_id) AS key_ids FROM up
-    WHERE NOT rolled
-      AND bucket_start = TIMESTAMPTZ 'epoch' + $9::bigint * INTERVAL '1 microsecond'"""
+    WHERE bucket_start = TIMESTAMPTZ 'epoch' + $9::bigint * INTERVAL '1 microsecond'"""
 # Key buckets this process holds the row ID of (its pending buckets of the current hour): updated
-# by ID, about half the upsert's work for PostgreSQL. Returns the IDs it did not find pending (the
-# roll-up merged the row meanwhile, or the key was deleted); the flush upserts those instead.
+# by ID, a third less work for PostgreSQL than the upsert. Returns the IDs it did not find (the
+# roll-up merged the row meanwhile, or it was deleted); the flush upserts those instead.
 _PG_UPDATE_KEYS = """WITH v AS (
     SELECT * FROM unnest(string_to_array($1, ',')::bigint[], string_to_array($2, ',')::bigint[],
                          string_to_array($3, ',')::bigint[], string_to_array($4, ',')::bigint[],
@@ -150,7 +142,7 @@ _PG_UPDATE_KEYS = """WITH v AS (
         failed_requests = b.failed_requests + v.failed,
         last_used_at = GREATEST(b.last_used_at,
                                 TIMESTAMPTZ 'epoch' + v.last_us * INTERVAL '1 microsecond')
-    FROM v WHERE b.id = v.id AND NOT b.rolled
+    FROM v WHERE b.id = v.id
     RETURNING b.id
 )
 SELECT array_agg(id) AS missed FROM v WHERE id NOT IN (SELECT id FROM up)"""

@@ -54,12 +54,7 @@ def migrate(url: str, target: str | None = None) -> None:
 def test_usage_rollup_migration_upgrades_a_database_with_buckets(
     tmp_path: Path, pg_server: PostgresServer | None
 ) -> None:
-    if BACKEND == "postgres":
-        assert pg_server is not None
-        pg_server.create_database("upgrade")
-        url = pg_server.url("upgrade")
-    else:
-        url = f"sqlite://{tmp_path / 'upgrade.db'}"
+    url = _database(tmp_path, pg_server, "upgrade")
     migrate(url, "keyplane.0003_invitations")
     run(url, OLD_BUCKET)
     migrate(url)

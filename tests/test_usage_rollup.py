@@ -263,3 +263,21 @@ async def test_a_bucket_row_gone_before_its_update_by_id_is_written_again(
     [pending] = await UsageBucket.filter(key_id=key_id, rolled=False)
     assert pending.total_requests == 3 and pending.writer == usage.writer
     assert usage._bucket_ids[key_id] == pending.id != remembered
+
+
+@pytest.mark.skipif(BACKEND != "postgres", reason="updates by row ID are the PostgreSQL flush")
+async def test_remembered_bucket_ids_are_bounded_by_the_cache_size(
+    app: Starlette, rws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most cache_size row IDs are kept; the keys beyond that are upserted, still exactly."""
+    ws, usage = rws, recorder(app)
+    monkeypatch.setattr(usage, "settings", dataclasses.replace(usage.settings, cache_size=2))
+    usage._bucket_ids.clear()
+    keys = [await ws.create_key() for _ in range(3)]
+    for round_ in (1, 2):
+        for _, secret in keys:
+            assert await verify(ws, secret) == "VALID"
+        assert await usage.flush()
+        assert len(usage._bucket_ids) == 2
+        for key_id, _ in keys:
+            assert await shown(ws, key_id) == (round_, round_, 0)

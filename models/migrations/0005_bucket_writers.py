@@ -7,8 +7,8 @@ OLD_UNIQUE = 'CONSTRAINT "uid_usage_bucke_key_id_5c39a2" UNIQUE ("key_id", "buck
 NEW_UNIQUE = 'CONSTRAINT "uid_usage_buckets_writer" UNIQUE ("key_id", "bucket_start", "writer")'
 
 
-class _StateOnlyRemove(ops.RemoveConstraint):
-    """The model state's side of the swap; the table is changed by _swap_unique."""
+class _StateOnly:
+    """An operation's model-state side only; the table is changed by _swap_unique."""
 
     async def database_forward(self, *args, **kwargs) -> None:
         return None
@@ -17,12 +17,12 @@ class _StateOnlyRemove(ops.RemoveConstraint):
         return None
 
 
-class _StateOnlyAdd(ops.AddConstraint):
-    async def database_forward(self, *args, **kwargs) -> None:
-        return None
+class _StateOnlyRemove(_StateOnly, ops.RemoveConstraint):
+    pass
 
-    async def database_backward(self, *args, **kwargs) -> None:
-        return None
+
+class _StateOnlyAdd(_StateOnly, ops.AddConstraint):
+    pass
 
 
 async def _swap_unique(apps, editor) -> None:
