@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount, Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 from tortoise.contrib.starlette import RegisterTortoise
 
 from app import log_policy
@@ -29,6 +29,33 @@ from app.services.auth import FailureLimiter
 from app.settings import Settings
 from app.usage import UsageRecorder
 from resolvers.schema import build_schema
+
+VERIFY_PATH = "/v1/verify"
+VERIFY_METHODS = frozenset({"GET", "POST", "HEAD"})  # what its Route answers (HEAD with GET)
+
+
+class KeyplaneApp(Starlette):
+    """The Starlette app, with `/v1/verify` answered before Starlette's middleware and router.
+
+    The verify endpoint is the hot path and needs neither: it is a plain ASGI callable that
+    never raises for a bad request (an exception would be a bug, and uvicorn then answers 500
+    and logs it, as Starlette's ServerErrorMiddleware would). Anything else, including other
+    methods on `/v1/verify` (405) and a mounted `root_path`, goes through the router as before.
+    """
+
+    verify: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.verify is not None
+            and scope["type"] == "http"
+            and scope["path"] == VERIFY_PATH
+            and scope["method"] in VERIFY_METHODS
+            and not scope.get("root_path")
+        ):
+            await self.verify(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, clock: Clock | None = None) -> Starlette:
@@ -91,10 +118,10 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             max_age=600,
         )
         graphql_methods.append("OPTIONS")
-    app = Starlette(
+    app = KeyplaneApp(
         routes=[
             Route("/graphql", graphql_app, methods=graphql_methods),
-            Route("/v1/verify", verify, methods=["GET", "POST"]),
+            Route(VERIFY_PATH, verify, methods=["GET", "POST"]),
             # Gateways that append the original path and keep its method (Envoy ext_authz
             # `path_prefix`); no `methods`: every method reaches the check.
             Route("/v1/verify/{rest:path}", verify.gateway_view()),
@@ -104,6 +131,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         ],
         lifespan=lifespan,
     )
+    app.verify = verify
     app.state.services = services
     app.state.settings = settings
     app.state.key_cache = key_cache

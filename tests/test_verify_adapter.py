@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
+import httpx
 from starlette.applications import Starlette
 
 from tests.support import WorkspaceHandle
@@ -130,3 +131,19 @@ async def test_a_client_that_disconnects_mid_body_gets_no_crash(
     await app(scope, receive, send)
     assert sent[0]["status"] == 401
     assert json.loads(sent[1]["body"])["code"] == "MISSING_KEY"  # type: ignore[arg-type]
+
+
+async def test_verify_answers_the_same_under_a_root_path(
+    app: Starlette, ws: WorkspaceHandle
+) -> None:
+    """`/v1/verify` is answered ahead of Starlette's router; an app served under a root path
+    (uvicorn `--root-path`) goes through the router instead, and answers the same."""
+    _, secret = await ws.create_key(permissions=["a"])
+    direct = await ws.client.get("/v1/verify", headers={"X-API-Key": secret})
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.10", 40000), root_path="/kp")
+    async with httpx.AsyncClient(transport=transport, base_url="http://kp") as client:
+        mounted = await client.get("/kp/v1/verify", headers={"X-API-Key": secret})
+        assert (mounted.status_code, mounted.content) == (200, direct.content)
+        refused = await client.get("/kp/v1/verify?permissions=b", headers={"X-API-Key": secret})
+        assert refused.json()["code"] == "INSUFFICIENT_PERMISSIONS"
+        assert (await client.put("/kp/v1/verify")).status_code == 405
