@@ -106,6 +106,21 @@ def test_bucket_writers_migration_keeps_every_row_and_indexes(
     assert ("idx_usage_buckets_unrolled",) in indexes
 
 
+@pytest.mark.skipif(BACKEND != "postgres", reason="a fill factor is PostgreSQL's (SQLite has none)")
+def test_bucket_pages_are_left_half_free_for_in_place_updates(
+    tmp_path: Path, pg_server: PostgresServer | None
+) -> None:
+    url = _database(tmp_path, pg_server, "fillfactor")
+    migrate(url, "keyplane.0005_bucket_writers")
+    run(url, OLD_BUCKET)
+    migrate(url)
+    options = "SELECT reloptions FROM pg_class WHERE relname = 'usage_buckets'"
+    assert run(url, options) == [(["fillfactor=50"],)]
+    assert run(url, "SELECT count(*) FROM usage_buckets") == [(1,)]
+    migrate(url, "keyplane.0005_bucket_writers")  # and back
+    assert run(url, options) == [(None,)]
+
+
 def _database(tmp_path: Path, pg_server: PostgresServer | None, name: str) -> str:
     if BACKEND == "postgres":
         assert pg_server is not None
