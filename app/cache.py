@@ -331,23 +331,27 @@ class KeyCache:
         Each chunk reads the rows' fingerprints first, then whole rows only for the keys whose
         fingerprint moved. An entry invalidated or refilled while its chunk was being read is
         left alone."""
-        hashes = [h for h, entry in self._entries.items() if entry.record is not None]
+        # Only the keys are copied up front (in C, about 1 ms per 100,000); a comprehension
+        # that looked at every entry held the event loop for up to 90 ms with 100,000 keys,
+        # the worst stall at half load. Entries are looked at chunk by chunk.
+        hashes = list(self._entries)
         checked = changed = 0
         ttl = 2 * self.settings.cache_refresh_seconds
         for start in range(0, len(hashes), REFRESH_CHUNK):
-            chunk = hashes[start : start + REFRESH_CHUNK]
-            before = {h: self._entries.get(h) for h in chunk}
-            sources = await load_fingerprints(chunk)
-            moved = [
-                h
-                for h, old in before.items()
-                if old is not None and sources.get(h, old.source) != old.source
-            ]
+            before: dict[str, CacheEntry] = {}
+            for h in hashes[start : start + REFRESH_CHUNK]:
+                entry = self._entries.get(h)
+                if entry is not None and entry.record is not None:  # negatives are not re-read
+                    before[h] = entry
+            if not before:
+                continue
+            sources = await load_fingerprints(list(before))
+            moved = [h for h, old in before.items() if sources.get(h, old.source) != old.source]
             moved_set = set(moved)
             rows = await load_rows(moved) if moved else {}
             now = time.monotonic()
             for secret_hash, old in before.items():
-                if old is None or self._entries.get(secret_hash) is not old:
+                if self._entries.get(secret_hash) is not old:
                     continue
                 checked += 1
                 row = rows.get(secret_hash)
