@@ -54,10 +54,7 @@ def migrate(url: str, target: str | None = None) -> None:
 def test_usage_rollup_migration_upgrades_a_database_with_buckets(
     tmp_path: Path, pg_server: PostgresServer | None
 ) -> None:
-    url = _database(tmp_path, pg_server, "upgrade")
-    migrate(url, "keyplane.0003_invitations")
-    run(url, OLD_BUCKET)
-    migrate(url)
+    url = _upgraded(tmp_path, pg_server, "upgrade", "keyplane.0003_invitations", OLD_BUCKET)
     run(url, NEW_BUCKET)  # a writer that does not know the column gets a pending bucket
     rows = run(url, "SELECT key_id, rolled, last_used_at FROM usage_buckets ORDER BY key_id")
     # Buckets written before the upgrade were already in the keys' counters: rolled.
@@ -70,16 +67,12 @@ def test_usage_rollup_migration_upgrades_a_database_with_buckets(
 def test_bucket_writers_migration_keeps_every_row_and_indexes(
     tmp_path: Path, pg_server: PostgresServer | None
 ) -> None:
-    url = _database(tmp_path, pg_server, "writers")
-    migrate(url, "keyplane.0004_usage_rollup")
-    run(
-        url,
-        OLD_BUCKET.replace("(workspace_id", "(rolled, workspace_id").replace(
-            "VALUES (", "VALUES (TRUE, "
-        ),
+    rolled_bucket = OLD_BUCKET.replace("(workspace_id", "(rolled, workspace_id").replace(
+        "VALUES (", "VALUES (TRUE, "
     )
-    run(url, NEW_BUCKET)
-    migrate(url)
+    url = _upgraded(
+        tmp_path, pg_server, "writers", "keyplane.0004_usage_rollup", rolled_bucket, NEW_BUCKET
+    )
     rows = run(
         url, "SELECT key_id, rolled, writer, total_requests FROM usage_buckets ORDER BY key_id"
     )
@@ -110,15 +103,24 @@ def test_bucket_writers_migration_keeps_every_row_and_indexes(
 def test_bucket_pages_are_left_half_free_for_in_place_updates(
     tmp_path: Path, pg_server: PostgresServer | None
 ) -> None:
-    url = _database(tmp_path, pg_server, "fillfactor")
-    migrate(url, "keyplane.0005_bucket_writers")
-    run(url, OLD_BUCKET)
-    migrate(url)
+    url = _upgraded(tmp_path, pg_server, "fillfactor", "keyplane.0005_bucket_writers", OLD_BUCKET)
     options = "SELECT reloptions FROM pg_class WHERE relname = 'usage_buckets'"
     assert run(url, options) == [(["fillfactor=50"],)]
     assert run(url, "SELECT count(*) FROM usage_buckets") == [(1,)]
     migrate(url, "keyplane.0005_bucket_writers")  # and back
     assert run(url, options) == [(None,)]
+
+
+def _upgraded(
+    tmp_path: Path, pg_server: PostgresServer | None, name: str, start: str, *rows: str
+) -> str:
+    """A database of the test's own, migrated to `start`, given `rows`, then upgraded."""
+    url = _database(tmp_path, pg_server, name)
+    migrate(url, start)
+    for row in rows:
+        run(url, row)
+    migrate(url)
+    return url
 
 
 def _database(tmp_path: Path, pg_server: PostgresServer | None, name: str) -> str:
