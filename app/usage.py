@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -97,54 +98,72 @@ _ADD_TO_KEYS = """UPDATE api_keys AS k SET
         successful_requests = k.successful_requests + s.ok,
         failed_requests = k.failed_requests + s.failed,
         last_used_at = GREATEST(k.last_used_at, s.last_used)"""
-# Environment buckets: never pending (they are not part of any key's counters).
-# The flush passes each column as one comma-separated text (numbers, public IDs, timestamps as
-# integer epoch microseconds), split by PostgreSQL: asyncpg encoding Python lists element by
-# element cost the event loop about 4.5 ms per 1,000 rows, this 1.5-2 ms (in slices, above).
+# The flush passes each column as one comma-separated text (numbers, public IDs, the hour as
+# integer epoch microseconds and the last use as microseconds after it), split by PostgreSQL:
+# asyncpg encoding Python lists element by element cost the event loop about 4.5 ms per 1,000
+# rows, this under 1 ms (in slices, above). Successful requests are not sent: every request is
+# either successful or failed, so they are the total less the failed.
 _BUCKET_ROWS = """SELECT ws, env, key_id, TIMESTAMPTZ 'epoch' + hour_us * INTERVAL '1 microsecond'
-           AS hour, total, ok, failed,
-           TIMESTAMPTZ 'epoch' + last_us * INTERVAL '1 microsecond' AS last_used
+           AS hour, total, total - failed AS ok, failed,
+           TIMESTAMPTZ 'epoch' + (hour_us + last_off) * INTERVAL '1 microsecond' AS last_used
     FROM unnest(string_to_array($1, ',')::int[], string_to_array($2, ',')::int[],
                 string_to_array($3, ',')::varchar[], string_to_array($4, ',')::bigint[],
                 string_to_array($5, ',')::bigint[], string_to_array($6, ',')::bigint[],
-                string_to_array($7, ',')::bigint[], string_to_array($8, ',', '')::bigint[])
-        AS v(ws, env, key_id, hour_us, total, ok, failed, last_us)"""
-# Every bucket row belongs to one writer (a process: $9 here, $10 below), so no two processes
+                string_to_array($7, ',', '')::bigint[])
+        AS v(ws, env, key_id, hour_us, total, failed, last_off)"""
+
+
+def _add_environments_sql(rows: str, writer: str) -> str:
+    """A CTE adding key rows `rows` (ws, env, hour, total, ok, failed, last_used) to their
+    environments' buckets (key ID: the environment's public ID), in the statement that writes
+    the key rows: PostgreSQL sums them, not the event loop. Environment buckets are never
+    pending (they are not part of any key's counters)."""
+    return f"""environments AS (
+    {_BUCKET_INSERT}
+    SELECT min(s.ws), s.env, e.public_id, s.hour, sum(s.total), sum(s.ok), sum(s.failed),
+           max(s.last_used), TRUE, {writer}::bigint
+    FROM {rows} AS s JOIN environments e ON e.id = s.env
+    GROUP BY s.env, e.public_id, s.hour
+    {_BUCKET_UPSERT}
+)"""
+
+
+# Every bucket row belongs to one writer (a process: $9 and $5 below), so no two processes
 # ever lock the same row and the statements need no lock order.
-_PG_WRITE_ENVIRONMENTS = f"""{_BUCKET_INSERT}
-SELECT *, TRUE, $9::bigint FROM ({_BUCKET_ROWS}) AS rows
-{_BUCKET_UPSERT}"""
-# Key buckets: upserted as pending. Returns their row IDs for hour $9, for the next flush to
+# Key buckets: upserted as pending. Returns their row IDs for hour $8, for the next flush to
 # update by ID. On PostgreSQL a writer's rows are always pending: the roll-up does not mark them,
 # it merges them into a MERGED_WRITER row and deletes them, so a late write for a closed hour
 # lands in a new pending row of its own, for the next roll-up.
-_PG_WRITE_KEYS = f"""WITH up AS (
+_PG_WRITE_KEYS = f"""WITH v AS ({_BUCKET_ROWS}
+), up AS (
     {_BUCKET_INSERT}
-    SELECT ws, env, key_id, hour, total, ok, failed, last_used, FALSE, $10::bigint
-    FROM ({_BUCKET_ROWS}) AS v
+    SELECT ws, env, key_id, hour, total, ok, failed, last_used, FALSE, $9::bigint FROM v
     {_BUCKET_UPSERT}
     RETURNING b.id, b.key_id, b.bucket_start
-)
+), {_add_environments_sql("v", "$9")}
 SELECT array_agg(id) AS ids, array_agg(key_id) AS key_ids FROM up
-    WHERE bucket_start = TIMESTAMPTZ 'epoch' + $9::bigint * INTERVAL '1 microsecond'"""
+    WHERE bucket_start = TIMESTAMPTZ 'epoch' + $8::bigint * INTERVAL '1 microsecond'"""
 # Key buckets this process holds the row ID of (its pending buckets of the current hour): updated
 # by ID, a third less work for PostgreSQL than the upsert. Returns the IDs it did not find (the
-# roll-up merged the row meanwhile, or it was deleted); the flush upserts those instead.
-_PG_UPDATE_KEYS = """WITH v AS (
-    SELECT * FROM unnest(string_to_array($1, ',')::bigint[], string_to_array($2, ',')::bigint[],
-                         string_to_array($3, ',')::bigint[], string_to_array($4, ',')::bigint[],
-                         string_to_array($5, ',', '')::bigint[])
-        AS v(id, total, ok, failed, last_us)
+# roll-up merged the row meanwhile, or it was deleted); the flush upserts those instead, and
+# their environments are counted there.
+_PG_UPDATE_KEYS = f"""WITH v AS (
+    SELECT id, total, total - failed AS ok, failed, last_off
+    FROM unnest(string_to_array($1, ',')::bigint[], string_to_array($2, ',')::bigint[],
+                string_to_array($3, ',')::bigint[], string_to_array($4, ',', '')::bigint[])
+        AS v(id, total, failed, last_off)
 ), up AS (
     UPDATE usage_buckets AS b SET
         total_requests = b.total_requests + v.total,
         successful_requests = b.successful_requests + v.ok,
         failed_requests = b.failed_requests + v.failed,
         last_used_at = GREATEST(b.last_used_at,
-                                TIMESTAMPTZ 'epoch' + v.last_us * INTERVAL '1 microsecond')
+                                b.bucket_start + v.last_off * INTERVAL '1 microsecond')
     FROM v WHERE b.id = v.id
-    RETURNING b.id
-)
+    RETURNING b.id, b.workspace_id AS ws, b.environment_id AS env, b.bucket_start AS hour,
+              v.total, v.ok, v.failed,
+              b.bucket_start + v.last_off * INTERVAL '1 microsecond' AS last_used
+), {_add_environments_sql("up", "$5")}
 SELECT array_agg(id) AS missed FROM v WHERE id NOT IN (SELECT id FROM up)"""
 # The roll-up: closed key buckets (hours before $1), ROLLUP_CHUNK at a time, added to their keys'
 # counters and merged into one rolled row per key and hour (writer MERGED_WRITER), whatever
@@ -205,9 +224,8 @@ def _bucket_columns(rows: list[tuple[tuple[str, datetime], _Counts]]) -> list[st
         ",".join(marker[0] for marker, _ in rows),
         _epochs(marker[1] for marker, _ in rows),
         _joined(c.total for _, c in rows),
-        _joined(c.successful for _, c in rows),
         _joined(c.failed for _, c in rows),
-        _epochs(c.last_used for _, c in rows),
+        ",".join(_offsets([c.last_used], marker[1]) for marker, c in rows),
     ]
 
 
@@ -252,8 +270,9 @@ class _Denial:
 
 @dataclass
 class _Buffers:
-    # (key ID, hour) -> that key's counts in that hour. One entry per key and hour is all a
-    # verification touches; a flush derives the environments' buckets from these.
+    # (key ID, hour) -> that key's counts in that hour, for the counts that are not on a key's
+    # tally: an hour that turned, another recorder's record, a failed flush's rows put back.
+    # (A flush derives the environments' buckets from these and the tallies.)
     keys: dict[tuple[str, datetime], _Counts] = field(default_factory=dict)
     denials: list[_Denial] = field(default_factory=list)
     folded: dict[tuple[str, str, str | None, datetime], _Denial] = field(default_factory=dict)
@@ -285,15 +304,28 @@ def _add_environments(
         seen.add(counts)
 
 
-def _id_columns(rows: list[tuple[int, _Counts]]) -> list[str]:
-    """The columns of `_PG_UPDATE_KEYS`: bucket row ID and the deltas."""
-    return [
-        _joined(bucket for bucket, _ in rows),
-        _joined(c.total for _, c in rows),
-        _joined(c.successful for _, c in rows),
-        _joined(c.failed for _, c in rows),
-        _epochs(c.last_used for _, c in rows),
-    ]
+def _put(
+    counts: dict[tuple[str, datetime], _Counts], marker: tuple[str, datetime], more: _Counts
+) -> None:
+    """Add `more` to the counts under `marker`."""
+    existing = counts.get(marker)
+    if existing is None:
+        counts[marker] = more
+    else:
+        existing.add(more)
+
+
+def _offsets(moments: Iterable[datetime | None], hour: datetime) -> str:
+    """Microseconds from `hour` to each moment (a last use in that hour), comma-separated; an
+    empty field for None. A subtraction: a third of the cost of an epoch timestamp."""
+    return ",".join(
+        [
+            ""
+            if m is None
+            else str(((d := m - hour).days * 86_400 + d.seconds) * 1_000_000 + d.microseconds)
+            for m in moments
+        ]
+    )
 
 
 def _concatenated(slices: list[list[str]]) -> list[str] | None:
@@ -301,45 +333,140 @@ def _concatenated(slices: list[list[str]]) -> list[str] | None:
     return [",".join(column) for column in zip(*slices, strict=True)] if slices else None
 
 
-@dataclass
-class _PgColumns:
-    """A batch's counts as the PostgreSQL flush statements take them."""
+class _Rows:
+    """Key rows of one hour that a PostgreSQL flush took from tallies, for one statement, column
+    by column: the values (to learn bucket row IDs after the commit, to send again, or to put
+    back when the write fails) and their text, encoded a slice at a time."""
 
-    by_id: list[str] | None  # `_PG_UPDATE_KEYS`: buckets whose row ID this process knows
-    upsert: list[str] | None  # `_PG_WRITE_KEYS`: the other key buckets
-    environments: list[str]  # `_PG_WRITE_ENVIRONMENTS`
+    def __init__(self, by_id: bool) -> None:
+        self.by_id = by_id  # `_PG_UPDATE_KEYS` (the tally knows the bucket row) or upserted
+        self.keys: list[KeyRecord] = []
+        self.bucket_ids: list[int] = []  # by_id only
+        self.totals: list[int] = []
+        self.failures: list[int] = []
+        self.last_used: list[datetime | None] = []
+        self._texts: list[list[str]] = []  # per slice encoded: one text per column
+        self._encoded = 0
+
+    def encode(self, hour: datetime) -> None:
+        """Encode the rows appended since the last call."""
+        start = self._encoded
+        keys = self.keys[start:]
+        if not keys:
+            return
+        self._encoded = len(self.keys)
+        if self.by_id:
+            head = [",".join(map(str, self.bucket_ids[start:]))]
+        else:
+            head = [
+                ",".join([str(key.workspace_pk) for key in keys]),
+                ",".join([str(key.environment_pk) for key in keys]),
+                ",".join([key.key_id for key in keys]),
+                ",".join([str(_epoch(hour))] * len(keys)),
+            ]
+        self._texts.append(
+            [
+                *head,
+                ",".join(map(str, self.totals[start:])),
+                ",".join(map(str, self.failures[start:])),
+                _offsets(self.last_used[start:], hour),
+            ]
+        )
+
+    def columns(self) -> list[str] | None:
+        return _concatenated(self._texts)
+
+    def counts(self, index: int) -> _Counts:
+        key, total, failed = self.keys[index], self.totals[index], self.failures[index]
+        return _Counts(
+            key.workspace_pk,
+            key.environment_pk,
+            key.environment_id,
+            total,
+            total - failed,
+            failed,
+            self.last_used[index],
+        )
+
+    def taking(self, rows: _Rows, indexes: Iterable[int]) -> None:
+        """Append these rows of `rows`."""
+        for index in indexes:
+            self.keys.append(rows.keys[index])
+            self.totals.append(rows.totals[index])
+            self.failures.append(rows.failures[index])
+            self.last_used.append(rows.last_used[index])
+            if self.by_id:
+                self.bucket_ids.append(rows.bucket_ids[index])
+
+    def unique(self, others: dict[tuple[str, datetime], _Counts], hour: datetime) -> _Rows:
+        """These rows with one row per key (one statement must not name a bucket twice): a
+        second record of a key (the cache reloaded it while the old one held counts) goes to
+        `others`."""
+        ids = self.bucket_ids if self.by_id else [key.key_id for key in self.keys]
+        if len(set(ids)) == len(ids):
+            return self
+        seen: set[str] = set()
+        kept = _Rows(self.by_id)
+        for index, key in enumerate(self.keys):
+            if key.key_id in seen:
+                _put(others, (key.key_id, hour), self.counts(index))
+            else:
+                seen.add(key.key_id)
+                kept.taking(self, (index,))
+        kept.encode(hour)
+        return kept
 
 
-async def _pg_count_columns(batch: _Buffers, ids: dict[str, int], hour: datetime) -> _PgColumns:
-    """The parameters of the PostgreSQL statements writing a batch's counts. `ids`: the bucket
-    row IDs known for `hour`'s buckets, by key ID. Encoded a slice at a time with a pause
-    between slices, so the event loop keeps serving verifications meanwhile."""
-    rows = list(batch.keys.items())
-    by_id: list[list[str]] = []  # per slice, its text of each column
-    upsert: list[list[str]] = []
-    environments: dict[tuple[str, datetime], _Counts] = {}
+def _add_tallies(out: dict[tuple[str, datetime], _Counts], keys: Iterable[KeyRecord]) -> None:
+    """Add the counts pending on these keys' tallies to `out`, by (key ID, hour)."""
+    for key in keys:
+        tally = key.tally
+        if tally.total and tally.hour is not None:
+            _put(
+                out,
+                (key.key_id, tally.hour),
+                _Counts(
+                    key.workspace_pk,
+                    key.environment_pk,
+                    key.environment_id,
+                    tally.total,
+                    tally.successful,
+                    tally.failed,
+                    tally.last_used,
+                ),
+            )
+
+
+def _drain(dirty: list[KeyRecord], batch: _Buffers) -> None:
+    """Move the counts of these tallies into `batch` (SQLite: one process, small batches)."""
+    _add_tallies(batch.keys, dirty)
+    for key in dirty:
+        tally = key.tally
+        tally.total = tally.successful = tally.failed = 0
+        tally.last_used = None
+
+
+async def _encoded_buckets(rows: list[tuple[tuple[str, datetime], _Counts]]) -> list[str] | None:
+    """`_bucket_columns`, FLUSH_SLICE rows at a time with a pause between slices."""
+    slices: list[list[str]] = []
     for start in range(0, len(rows), FLUSH_SLICE):
         if start:
             await asyncio.sleep(FLUSH_SLICE_PAUSE)
-        chunk = rows[start : start + FLUSH_SLICE]
-        known: list[tuple[int, _Counts]] = []
-        new: list[tuple[tuple[str, datetime], _Counts]] = []
-        for marker, counts in chunk:
-            bucket = ids.get(marker[0]) if marker[1] == hour else None
-            if bucket is None:
-                new.append((marker, counts))
-            else:
-                known.append((bucket, counts))
-        if known:
-            by_id.append(_id_columns(known))
-        if new:
-            upsert.append(_bucket_columns(new))
-        _add_environments(environments, chunk)
-    return _PgColumns(
-        _concatenated(by_id),
-        _concatenated(upsert),
-        _bucket_columns(sorted(environments.items())),
-    )
+        slices.append(_bucket_columns(rows[start : start + FLUSH_SLICE]))
+    return _concatenated(slices)
+
+
+class _Taken:
+    """What a PostgreSQL flush took from the tallies: this hour's rows, by statement."""
+
+    def __init__(self, hour: datetime) -> None:
+        self.hour = hour
+        self.known = _Rows(by_id=True)
+        self.new = _Rows(by_id=False)
+        self.again = _Rows(by_id=False)  # known rows whose bucket row was gone: upserted
+
+    def requests(self) -> int:
+        return sum(self.known.totals) + sum(self.new.totals)
 
 
 async def _add_to_key(
@@ -384,11 +511,11 @@ class UsageRecorder:
         self._last_prune = 0.0
         self._last_rollup = 0.0
         # This process's bucket rows are its own (`usage_buckets.writer`): no other process
-        # locks them. On PostgreSQL it keeps the row IDs of its pending key buckets of the
-        # current hour, by key ID (at most cache_size of them): the next flush updates by ID.
+        # locks them. On PostgreSQL a key's tally keeps the row ID of its pending bucket of the
+        # current hour: the next flush updates by ID.
         self.writer = secrets.randbelow(2**63 - 1) + 1
-        self._ids_hour: datetime | None = None
-        self._bucket_ids: dict[str, int] = {}
+        # The records whose tallies hold counts not yet written (each once).
+        self._dirty: list[KeyRecord] = []
         # For /metrics.
         self.last_flush_monotonic = time.monotonic()
         self.flushes = 0
@@ -460,7 +587,30 @@ class UsageRecorder:
         return start
 
     def _count(self, key: KeyRecord, now: datetime, valid: bool) -> None:
-        marker = (key.key_id, self._hour(now))
+        """Count into the key's tally: no lookup, and no new object once it is listed."""
+        tally = key.tally
+        hour = self._hour(now)
+        if tally.owner is not self:
+            if tally.owner is not None:  # another recorder's (tests run several)
+                self._count_in_buffers(key, hour, now, valid)
+                return
+            tally.owner = self
+        if not tally.total:
+            tally.hour = hour
+            self._dirty.append(key)
+        elif tally.hour is not hour and tally.hour != hour:  # the hour turned: rare
+            self._count_in_buffers(key, hour, now, valid)
+            return
+        tally.total += 1
+        if valid:
+            tally.successful += 1
+            if tally.last_used is None or now > tally.last_used:
+                tally.last_used = now
+        else:
+            tally.failed += 1
+
+    def _count_in_buffers(self, key: KeyRecord, hour: datetime, now: datetime, valid: bool) -> None:
+        marker = (key.key_id, hour)
         counts = self._buffers.keys.get(marker)
         if counts is None:
             counts = self._buffers.keys[marker] = _Counts(
@@ -478,7 +628,15 @@ class UsageRecorder:
     @property
     def pending_requests(self) -> int:
         """Verifications of known keys counted in memory and not yet written."""
-        return self._buffers.requests()
+        return self._buffers.requests() + sum(key.tally.total for key in self._dirty)
+
+    def pending_counts(self) -> dict[tuple[str, datetime], _Counts]:
+        """(key ID, hour) -> the counts not yet written (a copy)."""
+        out: dict[tuple[str, datetime], _Counts] = {}
+        _add_tallies(out, self._dirty)
+        for marker, counts in self._buffers.keys.items():
+            _put(out, marker, dataclasses.replace(counts))
+        return out
 
     @property
     def pending_denials(self) -> int:
@@ -489,36 +647,41 @@ class UsageRecorder:
         could not take it."""
         async with self._lock:
             batch, self._buffers = self._buffers, _Buffers()
-            if batch.empty():
+            dirty, self._dirty = self._dirty, []
+            if batch.empty() and not dirty:
                 self.last_flush_monotonic = time.monotonic()
                 return True
+            taken = _Taken(self._hour(self.clock.now()))
             try:
-                await self._write(batch)
+                await self._write(batch, dirty, taken)
             except DATABASE_ERRORS as exc:
                 self.flush_failures += 1
                 logger.warning(
                     "usage flush failed (%s); keeping %d requests and %d denials for the next",
                     type(exc).__name__,
-                    batch.requests(),
+                    batch.requests() + taken.requests(),
                     len(batch.denials) + len(batch.folded),
                 )
-                self._merge_back(batch)
+                self._merge_back(batch, taken)
                 return False
             except Exception:  # a bug, not an outage: say so loudly, and still lose nothing
                 self.flush_failures += 1
                 logger.exception("usage flush crashed; keeping the batch for the next attempt")
-                self._merge_back(batch)
+                self._merge_back(batch, taken)
                 return False
             self.flushes += 1
             self.last_flush_monotonic = time.monotonic()
             return True
 
-    def _merge_back(self, batch: _Buffers) -> None:
+    def _merge_back(self, batch: _Buffers, taken: _Taken) -> None:
         current = self._buffers
         for marker, counts in batch.keys.items():
             if marker in current.keys:
                 counts.add(current.keys[marker])
             current.keys[marker] = counts
+        for rows in (taken.known, taken.new):  # (`again` repeats rows of `known`)
+            for index, key in enumerate(rows.keys):
+                _put(current.keys, (key.key_id, taken.hour), rows.counts(index))
         room = MAX_DENIAL_ROWS - len(current.denials)
         current.denials[:0] = batch.denials[:room]
         for overflow in batch.denials[room:]:
@@ -547,7 +710,7 @@ class UsageRecorder:
         else:
             existing.count += denial.count
 
-    async def _write(self, batch: _Buffers) -> None:
+    async def _write(self, batch: _Buffers, dirty: list[KeyRecord], taken: _Taken) -> None:
         denials = [*batch.denials, *batch.folded.values()]
         prefixes = {d.prefix for d in denials if d.key is None and d.prefix}
         owners: dict[str, int] = {}
@@ -561,36 +724,22 @@ class UsageRecorder:
                 seen.setdefault(str(prefix), []).append(int(ws_pk))
             owners = {p: pks[0] for p, pks in seen.items() if len(pks) == 1}
         postgres = self.settings.is_postgres
-        hour = self._hour(self.clock.now())
-        if hour != self._ids_hour:
-            self._ids_hour, self._bucket_ids = hour, {}
-        # Encoded before taking a connection; nothing to encode without key counts.
-        columns = (
-            await _pg_count_columns(batch, self._bucket_ids, hour)
-            if postgres and batch.keys
-            else None
-        )
+        if postgres:  # encoded before taking a connection
+            await self._take(dirty, batch, taken)
+            # The counts not taken from tallies (an hour that turned, rows put back).
+            others = await _encoded_buckets(list(batch.keys.items()))
+        else:
+            _drain(dirty, batch)
         learned: dict[str, int] = {}
-        missed: list[str] = []
         async with in_transaction() as conn:
             if not postgres:
                 await self._write_counts_orm(conn, batch, self.writer)
-            elif columns is not None:
-                upsert = columns.upsert
-                if columns.by_id is not None:
-                    _, rows = await conn.execute_query(_PG_UPDATE_KEYS, columns.by_id)
-                    if rows[0]["missed"]:
-                        missed, again = self._missed(batch, hour, rows[0]["missed"])
-                        upsert = _concatenated([*([upsert] if upsert else []), again])
-                if upsert is not None:
-                    _, rows = await conn.execute_query(
-                        _PG_WRITE_KEYS, [*upsert, _epoch(hour), self.writer]
+            else:
+                await self._write_taken(conn, taken, learned)
+                if others is not None:
+                    await conn.execute_query(
+                        _PG_WRITE_KEYS, [*others, _epoch(taken.hour), self.writer]
                     )
-                    if rows[0]["ids"]:
-                        learned = dict(zip(rows[0]["key_ids"], rows[0]["ids"], strict=True))
-                await conn.execute_query(
-                    _PG_WRITE_ENVIRONMENTS, [*columns.environments, self.writer]
-                )
             if denials:
                 await Denial.bulk_create(
                     [
@@ -612,27 +761,101 @@ class UsageRecorder:
                     batch_size=1000,
                     using_db=conn,
                 )
-        # Committed: remember the row IDs of this hour's pending buckets, within bounds.
-        for key_id in missed:
-            self._bucket_ids.pop(key_id, None)
-        room = self.settings.cache_size - len(self._bucket_ids)
-        if learned and room > 0:
-            self._bucket_ids.update(
-                learned if len(learned) <= room else list(learned.items())[:room]
-            )
+        # Committed: the tallies of the upserted keys remember their bucket's row ID.
+        for rows in (taken.new, taken.again):
+            for key in rows.keys:
+                tally = key.tally
+                tally.bucket_id, tally.bucket_hour = learned.get(key.key_id), taken.hour
 
-    def _missed(
-        self, batch: _Buffers, hour: datetime, bucket_ids: list[int]
-    ) -> tuple[list[str], list[str]]:
-        """Bucket rows an update by ID did not find (rolled up or deleted meanwhile): their key
-        IDs, and their rows encoded for the upsert instead."""
-        gone = set(bucket_ids)
-        rows = [
-            (marker, counts)
-            for marker, counts in batch.keys.items()
-            if marker[1] == hour and self._bucket_ids.get(marker[0]) in gone
-        ]
-        return [marker[0] for marker, _ in rows], _bucket_columns(rows)
+    async def _take(self, dirty: list[KeyRecord], batch: _Buffers, taken: _Taken) -> None:
+        """Take the counts of the tallies in `dirty` into `taken` (PostgreSQL), encoding them
+        FLUSH_SLICE at a time with a pause between slices. Counts of an earlier hour go to
+        `batch` instead."""
+        hour, known, new = taken.hour, taken.known, taken.new
+        known_key, known_id, known_total, known_failed, known_last = (
+            known.keys.append,
+            known.bucket_ids.append,
+            known.totals.append,
+            known.failures.append,
+            known.last_used.append,
+        )
+        new_key, new_total, new_failed, new_last = (
+            new.keys.append,
+            new.totals.append,
+            new.failures.append,
+            new.last_used.append,
+        )
+        done = 0
+        try:
+            for start in range(0, len(dirty), FLUSH_SLICE):
+                if start:
+                    await asyncio.sleep(FLUSH_SLICE_PAUSE)
+                for key in dirty[start : start + FLUSH_SLICE]:
+                    tally = key.tally
+                    total = tally.total
+                    if not total:
+                        continue
+                    failed, last = tally.failed, tally.last_used
+                    tally.total = tally.successful = tally.failed = 0
+                    tally.last_used = None
+                    if tally.hour is not hour and tally.hour != hour:
+                        _put(
+                            batch.keys,
+                            (key.key_id, tally.hour or hour),
+                            _Counts(
+                                key.workspace_pk,
+                                key.environment_pk,
+                                key.environment_id,
+                                total,
+                                total - failed,
+                                failed,
+                                last,
+                            ),
+                        )
+                        continue
+                    bucket = tally.bucket_id
+                    if bucket is not None and (
+                        tally.bucket_hour is hour or tally.bucket_hour == hour
+                    ):
+                        known_key(key)
+                        known_id(bucket)
+                        known_total(total)
+                        known_failed(failed)
+                        known_last(last)
+                    else:
+                        new_key(key)
+                        new_total(total)
+                        new_failed(failed)
+                        new_last(last)
+                done = start + FLUSH_SLICE
+                known.encode(hour)
+                new.encode(hour)
+        finally:
+            if done < len(dirty):  # interrupted: what is left is counted by the next flush
+                self._dirty.extend(dirty[done:])
+        taken.known = known.unique(batch.keys, hour)
+        taken.new = new.unique(batch.keys, hour)
+
+    async def _write_taken(
+        self, conn: BaseDBAsyncClient, taken: _Taken, learned: dict[str, int]
+    ) -> None:
+        """The key rows taken from tallies: updated by bucket row ID where it is known, else
+        upserted (and the row IDs of the hour's buckets go into `learned`, by key ID)."""
+        known, again = taken.known, taken.again
+        columns = known.columns()
+        if columns is not None:
+            _, result = await conn.execute_query(_PG_UPDATE_KEYS, [*columns, self.writer])
+            if result[0]["missed"]:  # rolled up or deleted meanwhile: upsert those rows
+                gone = set(result[0]["missed"])
+                again.taking(known, [i for i, b in enumerate(known.bucket_ids) if b in gone])
+                again.encode(taken.hour)
+        upsert = _concatenated([c for c in (taken.new.columns(), again.columns()) if c])
+        if upsert is not None:
+            _, result = await conn.execute_query(
+                _PG_WRITE_KEYS, [*upsert, _epoch(taken.hour), self.writer]
+            )
+            if result[0]["ids"]:
+                learned.update(zip(result[0]["key_ids"], result[0]["ids"], strict=True))
 
     @staticmethod
     async def _write_counts_orm(conn: BaseDBAsyncClient, batch: _Buffers, writer: int) -> None:

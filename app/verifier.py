@@ -17,13 +17,42 @@ Check order (CONTRACT §4), the same whichever way the key arrives:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 
 from app.net import Address, Network, ip_allowed
 from app.permissions import missing_permissions
 from app.tokens import parse_token
+
+
+class UsageTally:
+    """One process's counts of a key's verifications that are not written yet.
+
+    app.usage counts into it and its flush takes the counts; the verifier never reads it. It
+    lives on the otherwise immutable record, so counting a verification of a cached key needs no
+    lookup and no new object (the recorder keeps a list of the tallies it has to write)."""
+
+    __slots__ = (
+        "bucket_hour",
+        "bucket_id",
+        "failed",
+        "hour",
+        "last_used",
+        "owner",
+        "successful",
+        "total",
+    )
+
+    def __init__(self) -> None:
+        self.owner: object | None = None  # the recorder counting into it (the first to count)
+        self.hour: datetime | None = None  # the hour the pending counts belong to
+        self.total = 0  # 0: nothing pending
+        self.successful = 0
+        self.failed = 0
+        self.last_used: datetime | None = None  # of the pending successful verifications
+        self.bucket_id: int | None = None  # PostgreSQL: the owner's bucket row of bucket_hour
+        self.bucket_hour: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +73,8 @@ class KeyRecord:
     authorized_origins: frozenset[str]  # CLIENT_SIDE only: the environment's origins
     expires_at: datetime | None
     grace_ends_at: datetime | None
+    # Mutable usage counts (app.usage); not part of what the record says about the key.
+    tally: UsageTally = field(default_factory=UsageTally, init=False, compare=False, repr=False)
 
 
 class Code(str, Enum):
