@@ -120,10 +120,12 @@ def _add_environments_sql(rows: str, writer: str) -> str:
     pending (they are not part of any key's counters)."""
     return f"""environments AS (
     {_BUCKET_INSERT}
-    SELECT min(s.ws), s.env, e.public_id, s.hour, sum(s.total), sum(s.ok), sum(s.failed),
-           max(s.last_used), TRUE, {writer}::bigint
-    FROM {rows} AS s JOIN environments e ON e.id = s.env
-    GROUP BY s.env, e.public_id, s.hour
+    SELECT s.ws, s.env, e.public_id, s.hour, s.total, s.ok, s.failed, s.last_used, TRUE,
+           {writer}::bigint
+    FROM (SELECT min(ws) AS ws, env, hour, sum(total) AS total, sum(ok) AS ok,
+                 sum(failed) AS failed, max(last_used) AS last_used
+          FROM {rows} GROUP BY env, hour) AS s
+        JOIN environments e ON e.id = s.env
     {_BUCKET_UPSERT}
 )"""
 
@@ -146,12 +148,15 @@ SELECT array_agg(id) AS ids, array_agg(key_id) AS key_ids FROM up
 # Key buckets this process holds the row ID of (its pending buckets of the current hour): updated
 # by ID, a third less work for PostgreSQL than the upsert. Returns the IDs it did not find (the
 # roll-up merged the row meanwhile, or it was deleted); the flush upserts those instead, and
-# their environments are counted there.
+# their environments are counted there. The rows are looked up by ID in ID order: run after
+# _PG_BY_ID_PLAN, which keeps the planner from scanning the whole primary key to merge-join a
+# fifth of it (measured on 20,000 of 100,000 rows: 127 ms instead of 209 ms of PostgreSQL time).
 _PG_UPDATE_KEYS = f"""WITH v AS (
     SELECT id, total, total - failed AS ok, failed, last_off
     FROM unnest(string_to_array($1, ',')::bigint[], string_to_array($2, ',')::bigint[],
                 string_to_array($3, ',')::bigint[], string_to_array($4, ',', '')::bigint[])
         AS v(id, total, failed, last_off)
+    ORDER BY id
 ), up AS (
     UPDATE usage_buckets AS b SET
         total_requests = b.total_requests + v.total,
@@ -165,6 +170,8 @@ _PG_UPDATE_KEYS = f"""WITH v AS (
               b.bucket_start + v.last_off * INTERVAL '1 microsecond' AS last_used
 ), {_add_environments_sql("up", "$5")}
 SELECT array_agg(id) AS missed FROM v WHERE id NOT IN (SELECT id FROM up)"""
+# For the rest of the flush's transaction (whose other statements join nothing large).
+_PG_BY_ID_PLAN = "SET LOCAL enable_mergejoin = off; SET LOCAL enable_hashjoin = off"
 # The roll-up: closed key buckets (hours before $1), ROLLUP_CHUNK at a time, added to their keys'
 # counters and merged into one rolled row per key and hour (writer MERGED_WRITER), whatever
 # number of processes wrote them. Rows a flush holds are skipped and taken by a later pass.
@@ -844,6 +851,7 @@ class UsageRecorder:
         known, again = taken.known, taken.again
         columns = known.columns()
         if columns is not None:
+            await conn.execute_script(_PG_BY_ID_PLAN)
             _, result = await conn.execute_query(_PG_UPDATE_KEYS, [*columns, self.writer])
             if result[0]["missed"]:  # rolled up or deleted meanwhile: upsert those rows
                 gone = set(result[0]["missed"])
