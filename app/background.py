@@ -9,8 +9,11 @@ from collections.abc import Awaitable, Callable
 
 
 class Periodic:
-    """Runs `tick` every `seconds` in a task. `stop` cancels it; when `lock` is given it is taken
-    first, so a tick holding it (a flush mid-write) finishes instead of being cut off."""
+    """Runs `tick` every `seconds` in a task: each tick starts `seconds` after the previous one
+    started (at once when that one took longer), so a slow tick, a usage flush under full load
+    say, does not push every later one back by its own duration. `stop` cancels it; when `lock`
+    is given it is taken first, so a tick holding it (a flush mid-write) finishes instead of
+    being cut off."""
 
     def __init__(
         self,
@@ -24,9 +27,12 @@ class Periodic:
         self._task: asyncio.Task[None] | None = None
 
     async def _loop(self) -> None:
+        clock = asyncio.get_running_loop().time
+        due = clock() + self.seconds
         while True:
-            await asyncio.sleep(self.seconds)
+            await asyncio.sleep(max(0.0, due - clock()))
             await self.tick()
+            due = max(due + self.seconds, clock())
 
     def start(self) -> None:
         if self._task is None:

@@ -1,0 +1,48 @@
+"""app.background.Periodic: the cadence of the background loops (usage and activity flushes,
+the key-cache refresh, the GC policy)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from app.background import Periodic
+
+
+async def test_a_slow_tick_does_not_push_the_next_ones_back() -> None:
+    """Each tick starts a period after the previous one started, not a period after it ended:
+    a usage flush that takes most of its interval under load is still followed by the next
+    one on time, which keeps counts visible within the promised bound."""
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+
+    async def tick() -> None:
+        starts.append(loop.time())
+        await asyncio.sleep(0.3)  # a tick taking 60% of the period
+
+    periodic = Periodic(0.5, tick)
+    periodic.start()
+    while len(starts) < 4:
+        await asyncio.sleep(0.05)
+    await periodic.stop()
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    # Started a period apart (0.5 s), not a period plus the tick (0.8 s).
+    assert all(0.45 <= gap < 0.7 for gap in gaps), gaps
+
+
+async def test_a_tick_longer_than_the_period_is_followed_at_once_without_a_backlog() -> None:
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+
+    async def tick() -> None:
+        starts.append(loop.time())
+        await asyncio.sleep(0.5 if len(starts) == 1 else 0)  # the first is two periods long
+
+    periodic = Periodic(0.25, tick)
+    periodic.start()
+    while len(starts) < 3:
+        await asyncio.sleep(0.05)
+    await periodic.stop()
+    first, second, third = starts[:3]
+    assert 0.45 <= second - first < 0.65  # right after the slow one ended
+    assert 0.2 <= third - second < 0.4  # then a period again: missed ticks are not made up
