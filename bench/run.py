@@ -10,7 +10,7 @@ section that stores its figures with `bench.record(name, {...})` and append it (
 target) to those lists.
 
 Settings (environment): BENCH_KEYS_LARGE (1000000), BENCH_HOT (100000), BENCH_DURATION seconds per
-run (10), BENCH_REPEAT (3), BENCH_CONNECTIONS (64), BENCH_WRK_THREADS (2), BENCH_WARMUP_MAX seconds
+run (10), BENCH_REPEAT (5), BENCH_CONNECTIONS (64), BENCH_WRK_THREADS (2), BENCH_WARMUP_MAX seconds
 (300). BENCH_LOADGEN=python uses the asyncio fallback instead of wrk (otherwise used only when wrk
 cannot be installed).
 """
@@ -57,7 +57,7 @@ class Config:
     keys_large: int = 1_000_000
     hot: int = 100_000
     duration: float = 10.0
-    repeat: int = 3
+    repeat: int = 5  # rounds; one target's req/s moves up to 30% between rounds here
     connections: int = 64
     wrk_threads: int = 2
     warm_up_max: float = 300.0
@@ -451,6 +451,14 @@ def print_table(results: dict[str, dict[str, Any]], checks: list[dict[str, Any]]
             f"{cpu['server']:>17.2f} {cpu['postgres']:>8.2f} "
             f"{cpu['loadgen']:>7.2f} {cpu['other']:>5.2f}"
         )
+    rounds = {
+        name: results.get(name, {}).get("full", {}).get("runs", []) for name in (BARE, SMALL, LARGE)
+    }
+    for top, bottom in ((SMALL, BARE), (LARGE, SMALL)):
+        pairs = zip(rounds[top], rounds[bottom], strict=False)
+        if ratios := [a["rps"] / b["rps"] for a, b in pairs if b["rps"]]:
+            shown = " ".join(f"{r:.2f}" for r in ratios)
+            print(f"{top} / {bottom} req/s, round by round: {shown}")
     half = results.get(LARGE, {}).get("half_load")
     floor = results.get(BARE, {}).get("half_load_same_rate", {})
     if half:
