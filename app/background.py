@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Awaitable, Callable
 
 
@@ -13,26 +14,32 @@ class Periodic:
     started (at once when that one took longer), so a slow tick, a usage flush under full load
     say, does not push every later one back by its own duration. `stop` cancels it; when `lock`
     is given it is taken first, so a tick holding it (a flush mid-write) finishes instead of
-    being cut off."""
+    being cut off. With `jitter` (a fraction), each period is drawn from seconds * (1 +/- jitter),
+    so processes started together (or a benchmark's rounds) do not stay in step with it."""
 
     def __init__(
         self,
         seconds: float,
         tick: Callable[[], Awaitable[object]],
         lock: asyncio.Lock | None = None,
+        jitter: float = 0.0,
     ) -> None:
         self.seconds = seconds
+        self.jitter = jitter
         self.tick = tick
         self.lock = lock
         self._task: asyncio.Task[None] | None = None
 
     async def _loop(self) -> None:
         clock = asyncio.get_running_loop().time
-        due = clock() + self.seconds
+        due = clock() + self._period()
         while True:
             await asyncio.sleep(max(0.0, due - clock()))
             await self.tick()
-            due = max(due + self.seconds, clock())
+            due = max(due + self._period(), clock())
+
+    def _period(self) -> float:
+        return self.seconds * (1 + random.uniform(-self.jitter, self.jitter))
 
     def start(self) -> None:
         if self._task is None:

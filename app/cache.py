@@ -50,6 +50,7 @@ from models import ApiKey, KeyKind
 logger = logging.getLogger("keyplane.cache")
 
 REFRESH_CHUNK = 500
+REFRESH_JITTER = 0.1  # each refresh period is 0.9 to 1.1 times cache_refresh_seconds
 # Recency is kept by rounds: a hit moves its entry to the young end of the eviction order at most
 # once per round, and a round ends after every cache_size // RECENCY_ROUNDS fills. Moving an entry
 # of a 100,000-entry OrderedDict costs about 0.9 us of cache misses, on every hit; a full cache
@@ -216,7 +217,10 @@ class KeyCache:
         self._fills = 0  # fills in this round
         self.hits = 0
         self.misses = 0
-        self._refresher = Periodic(settings.cache_refresh_seconds, self._refresh_tick)
+        # Jittered: the refreshes of many processes sharing one database spread out.
+        self._refresher = Periodic(
+            settings.cache_refresh_seconds, self._refresh_tick, jitter=REFRESH_JITTER
+        )
         # Lookups that timed out and are still running.
         self._stuck: set[asyncio.Task[tuple[KeyRecord | None, int]]] = set()
         # False while cross-process notifications may be missed (PostgreSQL listener down):

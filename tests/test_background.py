@@ -46,3 +46,22 @@ async def test_a_tick_longer_than_the_period_is_followed_at_once_without_a_backl
     first, second, third = starts[:3]
     assert 0.45 <= second - first < 0.65  # right after the slow one ended
     assert 0.2 <= third - second < 0.4  # then a period again: missed ticks are not made up
+
+
+async def test_jittered_periods_vary_within_their_bounds() -> None:
+    """The key-cache refresh is jittered, so processes started together spread their bulk
+    reads over the period instead of all reading at the same instant."""
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+
+    async def tick() -> None:
+        starts.append(loop.time())
+
+    periodic = Periodic(0.1, tick, jitter=0.5)
+    periodic.start()
+    while len(starts) < 12:
+        await asyncio.sleep(0.02)
+    await periodic.stop()
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert all(0.045 <= gap < 0.25 for gap in gaps), gaps
+    assert max(gaps) - min(gaps) > 0.02, gaps  # not one fixed period
