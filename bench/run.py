@@ -228,6 +228,7 @@ class Bench:
         figures["per_server_cpu_s"] = statistics.median(
             r.rps / c["server"] for r, c in zip(runs, cpu, strict=True) if c["server"] > 0
         )
+        figures["server_cpu"] = [c["server"] for c in cpu]  # per run, for the paired ratios
         if figures["errors"]:
             self.note(f"{name}: {figures['errors']} errors or non-200 answers under load")
         return figures
@@ -368,8 +369,32 @@ class Target:
     unit: str = ""
 
 
-def _ratio(top: str, bottom: str) -> Callable[[dict[str, dict[str, Any]]], float]:
-    return lambda r: float(r[top]["full"]["rps"]) / float(r[bottom]["full"]["rps"])
+def _per_round(full: dict[str, Any], per_cpu: bool) -> list[float]:
+    """A target's req/s in each round, or its req/s per second of server CPU."""
+    if not per_cpu:
+        return [float(run["rps"]) for run in full["runs"]]
+    return [
+        float(run["rps"]) / cpu if cpu > 0 else 0.0
+        for run, cpu in zip(full["runs"], full["server_cpu"], strict=True)
+    ]
+
+
+def round_ratios(
+    results: dict[str, dict[str, Any]], top: str, bottom: str, per_cpu: bool = False
+) -> list[float]:
+    """`top` over `bottom` in each round: the two runs were seconds apart, so a neighbour that
+    slowed this shared machine for a while weighs on both (one target's req/s moved by up to
+    30% from one round to the next here, far more than the pair's ratio did)."""
+    pairs = zip(
+        _per_round(results[top]["full"], per_cpu),
+        _per_round(results[bottom]["full"], per_cpu),
+        strict=True,
+    )
+    return [a / b for a, b in pairs if b > 0]
+
+
+def _paired(top: str, bottom: str, per_cpu: bool) -> Callable[[dict[str, dict[str, Any]]], float]:
+    return lambda r: statistics.median(round_ratios(r, top, bottom, per_cpu))
 
 
 def _half_load_figures(half_load: dict[str, Any]) -> dict[str, Any]:
@@ -380,19 +405,13 @@ def _half_load_figures(half_load: dict[str, Any]) -> dict[str, Any]:
     return figures
 
 
-def _per_cpu(top: str, bottom: str) -> Callable[[dict[str, dict[str, Any]]], float]:
-    return lambda r: (
-        float(r[top]["full"]["per_server_cpu_s"]) / float(r[bottom]["full"]["per_server_cpu_s"])
-    )
-
-
-# The req/s ratios are the targets as stated; the same ratios per second of server CPU follow
-# them because a busy neighbour on a shared machine moves req/s far more than it moves those.
+# The ratios are the medians of the round-by-round ratios (see round_ratios); the same per second
+# of server CPU follow them, because a busy neighbour moves req/s more than it moves those.
 TARGETS = [
-    Target(f"{SMALL} / {BARE} req/s", _ratio(SMALL, BARE), 0.8, True),
-    Target("  same, per server CPU-s", _per_cpu(SMALL, BARE), 0.8, True),
-    Target(f"{LARGE} / {SMALL} req/s", _ratio(LARGE, SMALL), 0.9, True),
-    Target("  same, per server CPU-s", _per_cpu(LARGE, SMALL), 0.9, True),
+    Target(f"{SMALL} / {BARE} req/s", _paired(SMALL, BARE, False), 0.8, True),
+    Target("  same, per server CPU-s", _paired(SMALL, BARE, True), 0.8, True),
+    Target(f"{LARGE} / {SMALL} req/s", _paired(LARGE, SMALL, False), 0.9, True),
+    Target("  same, per server CPU-s", _paired(LARGE, SMALL, True), 0.9, True),
     Target(
         f"{LARGE} p99 at half load",
         lambda r: float(_half_load_figures(r[LARGE]["half_load"])["p99_ms"]),
@@ -451,14 +470,15 @@ def print_table(results: dict[str, dict[str, Any]], checks: list[dict[str, Any]]
             f"{cpu['server']:>17.2f} {cpu['postgres']:>8.2f} "
             f"{cpu['loadgen']:>7.2f} {cpu['other']:>5.2f}"
         )
-    rounds = {
-        name: results.get(name, {}).get("full", {}).get("runs", []) for name in (BARE, SMALL, LARGE)
-    }
     for top, bottom in ((SMALL, BARE), (LARGE, SMALL)):
-        pairs = zip(rounds[top], rounds[bottom], strict=False)
-        if ratios := [a["rps"] / b["rps"] for a, b in pairs if b["rps"]]:
-            shown = " ".join(f"{r:.2f}" for r in ratios)
-            print(f"{top} / {bottom} req/s, round by round: {shown}")
+        if "full" in results.get(top, {}) and "full" in results.get(bottom, {}):
+            shown = " ".join(f"{r:.2f}" for r in round_ratios(results, top, bottom))
+            of_medians = results[top]["full"]["rps"] / results[bottom]["full"]["rps"]
+            print(
+                f"{top} / {bottom} req/s, round by round: {shown} "
+                f"(median {_paired(top, bottom, False)(results):.2f}; "
+                f"ratio of the medians above {of_medians:.2f})"
+            )
     half = results.get(LARGE, {}).get("half_load")
     floor = results.get(BARE, {}).get("half_load_same_rate", {})
     if half:
