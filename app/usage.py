@@ -1,7 +1,11 @@
 """Usage counters and the denial log, without a database write per request.
 
 `/v1/verify` calls `record` (O(1), no I/O); a background task calls `flush` every flush interval
-and once more on shutdown. A flush writes, in one transaction:
+and once more on shutdown. A key's counts go on the tally its cached record carries
+(`app.verifier.UsageTally`: no lookup and no new object per request), and the recorder lists the
+tallies it has to write; counts that cannot go on a tally (the hour turned while it held counts,
+a failed flush's rows put back) are kept by (key, hour) in `_Buffers`. A flush writes, in one
+transaction:
 
 - hourly usage buckets per key (counts and the latest use), and one per environment
   (`key_id` = the environment's public ID), so the `usage` query reads pre-aggregated rows and
@@ -20,9 +24,10 @@ holds, so each delta is counted once whichever runs first, with any number of pr
 
 Each process writes bucket rows of its own (`usage_buckets.writer`, random per process), so no
 two processes lock the same row and no statement needs a lock order; readers sum a key's rows
-per hour. On PostgreSQL a process remembers the row IDs of its pending buckets of the current
-hour and updates those by ID (a third less PostgreSQL work than the upsert); a row gone meanwhile
-is found missing and upserted again. The PostgreSQL roll-up merges a closed hour's rows into one
+per hour. On PostgreSQL a key's tally remembers the row ID of its pending bucket of the current
+hour and the flush updates it by ID (a third less PostgreSQL work than the upsert); a row gone
+meanwhile is found missing and upserted again. PostgreSQL sums the environments' buckets from
+the key rows in the same statements. The PostgreSQL roll-up merges a closed hour's rows into one
 (writer MERGED_WRITER) rather than marking them; on SQLite it marks them rolled in place.
 
 Counting rules (CONTRACT §4): a VALID verification adds a successful request and sets
