@@ -267,14 +267,11 @@ class KeyCache:
     async def get(self, secret_hash: str) -> KeyRecord | None:
         """The record for this hash (None when unknown); raises Unavailable when it cannot be
         known. A fresh cached entry costs no database round trip."""
+        hit = self.fresh(secret_hash)
+        if hit is not None:
+            return hit.record
         now = time.monotonic()
         entry = self._entries.get(secret_hash)
-        if entry is not None and entry.fresh_until > now and self.trusted:
-            if entry.round != self._round:
-                entry.round = self._round
-                self._entries.move_to_end(secret_hash)
-            self.hits += 1
-            return entry.record
         self.misses += 1
         pending = self._inflight.get(secret_hash)
         if pending is not None:

@@ -389,15 +389,8 @@ class _Rows:
         return _concatenated(self._texts)
 
     def counts(self, index: int) -> _Counts:
-        key, total, failed = self.keys[index], self.totals[index], self.failures[index]
-        return _Counts(
-            key.workspace_pk,
-            key.environment_pk,
-            key.environment_id,
-            total,
-            total - failed,
-            failed,
-            self.last_used[index],
+        return _key_counts(
+            self.keys[index], self.totals[index], self.failures[index], self.last_used[index]
         )
 
     def taking(self, rows: _Rows, indexes: Iterable[int]) -> None:
@@ -429,6 +422,12 @@ class _Rows:
         return kept
 
 
+def _key_counts(key: KeyRecord, total: int, failed: int, last: datetime | None) -> _Counts:
+    """A key's counts (every request is successful or failed)."""
+    ws, env, env_id = key.workspace_pk, key.environment_pk, key.environment_id
+    return _Counts(ws, env, env_id, total, total - failed, failed, last)
+
+
 def _add_tallies(out: dict[tuple[str, datetime], _Counts], keys: Iterable[KeyRecord]) -> None:
     """Add the counts pending on these keys' tallies to `out`, by (key ID, hour)."""
     for key in keys:
@@ -437,15 +436,7 @@ def _add_tallies(out: dict[tuple[str, datetime], _Counts], keys: Iterable[KeyRec
             _put(
                 out,
                 (key.key_id, tally.hour),
-                _Counts(
-                    key.workspace_pk,
-                    key.environment_pk,
-                    key.environment_id,
-                    tally.total,
-                    tally.successful,
-                    tally.failed,
-                    tally.last_used,
-                ),
+                _key_counts(key, tally.total, tally.failed, tally.last_used),
             )
 
 
@@ -454,7 +445,7 @@ def _drain(dirty: list[KeyRecord], batch: _Buffers) -> None:
     _add_tallies(batch.keys, dirty)
     for key in dirty:
         tally = key.tally
-        tally.total = tally.successful = tally.failed = 0
+        tally.total = tally.failed = 0
         tally.last_used = None
 
 
@@ -615,7 +606,6 @@ class UsageRecorder:
             return
         tally.total += 1
         if valid:
-            tally.successful += 1
             if tally.last_used is None or now > tally.last_used:
                 tally.last_used = now
         else:
@@ -808,22 +798,11 @@ class UsageRecorder:
                     if not total:
                         continue
                     failed, last = tally.failed, tally.last_used
-                    tally.total = tally.successful = tally.failed = 0
+                    tally.total = tally.failed = 0
                     tally.last_used = None
                     if tally.hour is not hour and tally.hour != hour:
-                        _put(
-                            batch.keys,
-                            (key.key_id, tally.hour or hour),
-                            _Counts(
-                                key.workspace_pk,
-                                key.environment_pk,
-                                key.environment_id,
-                                total,
-                                total - failed,
-                                failed,
-                                last,
-                            ),
-                        )
+                        marker = (key.key_id, tally.hour or hour)
+                        _put(batch.keys, marker, _key_counts(key, total, failed, last))
                         continue
                     bucket = tally.bucket_id
                     if bucket is not None and (

@@ -40,7 +40,6 @@ class UsageTally:
         "hour",
         "last_used",
         "owner",
-        "successful",
         "total",
     )
 
@@ -48,8 +47,7 @@ class UsageTally:
         self.owner: object | None = None  # the recorder counting into it (the first to count)
         self.hour: datetime | None = None  # the hour the pending counts belong to
         self.total = 0  # 0: nothing pending
-        self.successful = 0
-        self.failed = 0
+        self.failed = 0  # the rest of the total was successful
         self.last_used: datetime | None = None  # of the pending successful verifications
         self.bucket_id: int | None = None  # PostgreSQL: the owner's bucket row of bucket_hour
         self.bucket_hour: datetime | None = None
