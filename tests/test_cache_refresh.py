@@ -48,6 +48,27 @@ async def test_refresh_catches_changes_that_bypassed_the_change_feed(
     assert cache.misses == misses + 1  # only the deleted key was looked up again
 
 
+async def test_refresh_drops_a_key_whose_row_no_longer_carries_its_secret(
+    app: Starlette, ws: WorkspaceHandle
+) -> None:
+    """The refresh finds rows by row ID (PostgreSQL); the fingerprint covers the secret hash, so
+    a row that now carries another hash (written behind the service's back) no longer answers
+    for the old secret."""
+    cache: KeyCache = app.state.key_cache
+    key_id, secret = await ws.create_key()
+    _, other = await ws.create_key()
+    for token in (secret, other):
+        assert await code(ws, token) == "VALID"
+    await ApiKey.filter(public_id=key_id).update(secret_hash="0" * 64)
+    assert await code(ws, secret) == "VALID"  # the cached answer, until the refresh
+    checked, changed = await cache.refresh()
+    assert checked >= 2 and changed == 1
+    assert cache.fresh(hash_secret(secret)) is None
+    assert cache.fresh(hash_secret(other)) is not None
+    assert await code(ws, secret) == "INVALID_KEY"
+    assert await code(ws, other) == "VALID"
+
+
 async def test_the_refresh_runs_by_itself(app: Starlette, ws: WorkspaceHandle) -> None:
     key_id, secret = await ws.create_key()
     cache = KeyCache(
