@@ -275,6 +275,49 @@ async def test_a_bucket_row_gone_before_its_update_by_id_is_written_again(
     assert tally(app, secret).bucket_id == pending.id != remembered
 
 
+@pytest.mark.skipif(BACKEND != "postgres", reason="statements and pauses of the PostgreSQL flush")
+async def test_a_flush_spread_over_several_statements_with_pauses_counts_every_request(
+    app: Starlette, rws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one row per slice and two per statement, a flush of five keys (known rows, a row
+    gone meanwhile, new rows) runs several statements in its one transaction, pauses between
+    them within its budget, and every request is counted once."""
+    ws, usage = rws, recorder(app)
+    monkeypatch.setattr(usage_module, "FLUSH_SLICE", 1)
+    monkeypatch.setattr(usage_module, "FLUSH_STATEMENT_ROWS", 2)
+    keys = [await ws.create_key() for _ in range(5)]
+    assert await usage.flush()  # nothing pending but these keys' verifications from here on
+    async with usage._lock:  # no background flush takes part of them
+        for _, secret in keys[:4]:
+            assert await verify(ws, secret) == "VALID"
+    assert await usage.flush()  # four new rows: upserted, two statements
+    await UsageBucket.filter(id=tally(app, keys[0][1]).bucket_id).delete()
+    statements: list[str] = []
+    budgets: list[float] = []  # each statement's pause is taken from the flush's budget
+    query = usage_module._Paced.query
+
+    async def counted(paced: usage_module._Paced, sql: str, values: list[object]) -> list[object]:
+        statements.append("update" if sql == usage_module._PG_UPDATE_KEYS else "upsert")
+        rows = await query(paced, sql, values)
+        budgets.append(paced.budget)
+        return rows
+
+    monkeypatch.setattr(usage_module._Paced, "query", counted)
+    async with usage._lock:
+        for _ in range(3):
+            for _, secret in keys:
+                assert await verify(ws, secret) == "VALID"
+    assert await usage.flush()
+    # Four known rows in two updates (one row found gone), then the new key and the gone one.
+    assert statements == ["update", "update", "upsert", "upsert"]
+    budget = usage.settings.flush_interval_seconds / 2
+    pauses = [a - b for a, b in zip([budget, *budgets], budgets, strict=False)]
+    assert pauses[0] == 0 and all(p > 0 for p in pauses[1:]) and sum(pauses) <= budget
+    for index, (key_id, _) in enumerate(keys):
+        expected = 3 if index in (0, 4) else 4
+        assert await shown(ws, key_id) == (expected, expected, 0)
+
+
 async def test_a_key_reloaded_with_counts_pending_on_its_old_record_is_counted_once_per_row(
     app: Starlette, rws: WorkspaceHandle
 ) -> None:
@@ -284,16 +327,17 @@ async def test_a_key_reloaded_with_counts_pending_on_its_old_record_is_counted_o
     ws, usage = rws, recorder(app)
     key_id, secret = await ws.create_key(permissions=["pdf.read"])
     assert await usage.flush()  # nothing pending but this key's verifications from here on
-    assert [await verify(ws, secret) for _ in range(3)] == ["VALID"] * 3
-    before = tally(app, secret)
-    await ws.q(
-        """mutation($id: ID!) { updateKey(id: $id, input: {permissions: ["pdf.read", "pdf.write"]})
-        { __typename } }""",
-        {"id": key_id},
-    )
-    assert [await verify(ws, secret, "pdf.write") for _ in range(4)] == ["VALID"] * 4
-    after = tally(app, secret)
-    assert after is not before and (before.total, after.total) == (3, 4)
+    async with usage._lock:  # the background flush does not take the counts meanwhile
+        assert [await verify(ws, secret) for _ in range(3)] == ["VALID"] * 3
+        before = tally(app, secret)
+        await ws.q(
+            """mutation($id: ID!) { updateKey(id: $id,
+            input: {permissions: ["pdf.read", "pdf.write"]}) { __typename } }""",
+            {"id": key_id},
+        )
+        assert [await verify(ws, secret, "pdf.write") for _ in range(4)] == ["VALID"] * 4
+        after = tally(app, secret)
+        assert after is not before and (before.total, after.total) == (3, 4)
     assert await usage.flush()
     assert (before.total, after.total) == (0, 0)
     assert await shown(ws, key_id) == (7, 7, 0)
