@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,11 +85,42 @@ def _ready(url: str) -> bool:
         return False
 
 
+def cpu_layout() -> tuple[set[int], set[int]] | None:
+    """(the CPU every server under test runs on, the CPUs of everything else: the load
+    generator, PostgreSQL, the bench itself), or None with fewer than two CPUs or BENCH_PIN=0.
+
+    Every server gets the same CPU, so the targets compared in a round ran on the same core: on
+    this shared two-vCPU machine the vCPUs may differ in speed for minutes at a time, and a
+    server that stayed on the slower one would bias a whole run's ratios. Unpinned, two runs of
+    one build gave 1M/1k 1.12 and 0.77 (1.17 and 0.77 per server CPU-s); pinned, two runs of it
+    gave 0.83 and 0.94: steadier, though two runs each cannot prove it. PostgreSQL no longer
+    shares the servers' CPU; it shares the other with wrk, whose slowdown still shows as server
+    idle time."""
+    if os.environ.get("BENCH_PIN", "1").strip() == "0":
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return {cpus[0]}, set(cpus[1:])
+
+
+def _pinned(cpus: set[int] | None) -> Callable[[], None] | None:
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 @contextlib.contextmanager
 def serve(
-    name: str, command: Sequence[str], port: int, env: dict[str, str], logdir: Path
+    name: str,
+    command: Sequence[str],
+    port: int,
+    env: dict[str, str],
+    logdir: Path,
+    cpus: set[int] | None = None,
 ) -> Iterator[Server]:
-    """Run a server in its own process group; it is stopped on exit, whatever happens."""
+    """Run a server in its own process group (on `cpus` when given); it is stopped on exit,
+    whatever happens."""
     log = logdir / f"{name}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -100,6 +131,7 @@ def serve(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_pinned(cpus),
         )
     server = Server(name, process, port, log)
     try:

@@ -11,8 +11,9 @@ target) to those lists.
 
 Settings (environment): BENCH_KEYS_LARGE (1000000), BENCH_HOT (100000), BENCH_DURATION seconds per
 run (10), BENCH_REPEAT (5), BENCH_CONNECTIONS (64), BENCH_WRK_THREADS (2), BENCH_WARMUP_MAX seconds
-(300). BENCH_LOADGEN=python uses the asyncio fallback instead of wrk (otherwise used only when wrk
-cannot be installed).
+(300), BENCH_PIN=0 to let the scheduler place the servers (by default every server runs on the
+first CPU and everything else on the others: `procs.cpu_layout`). BENCH_LOADGEN=python uses the
+asyncio fallback instead of wrk (otherwise used only when wrk cannot be installed).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class Bench:
     wrk: str | None = None
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    server_cpus: set[int] | None = None  # every server under test runs on these (cpu_layout)
     _postgres: PostgresServer | None = None
     _datasets: dict[str, Dataset] = field(default_factory=dict)
 
@@ -149,7 +151,7 @@ class Bench:
             command, env = procs.bare_command(port), {}
         else:
             command, env = procs.verify_command(port), {"KEYPLANE_DATABASE_URL": database_url}
-        with procs.serve(name, command, port, env, self.workdir) as server:
+        with procs.serve(name, command, port, env, self.workdir, self.server_cpus) as server:
             yield server
 
     def half_load(
@@ -561,6 +563,15 @@ def _main(config: Config) -> int:
         stack.callback(lambda: None if failed else shutil.rmtree(workdir, ignore_errors=True))
         bench = Bench(config=config, workdir=workdir, stack=stack)
         bench.log(f"settings {config}; one uvicorn worker per server; work dir {workdir}")
+        layout = procs.cpu_layout()
+        if layout is not None:
+            # Before PostgreSQL and wrk start: they inherit the bench's CPUs.
+            bench.server_cpus, others = layout
+            os.sched_setaffinity(0, others)
+            bench.log(
+                f"servers under test on CPU {sorted(bench.server_cpus)}; load generator, "
+                f"PostgreSQL and the bench on CPU {sorted(others)}"
+            )
         if os.environ.get("BENCH_LOADGEN", "wrk") == "wrk":
             bench.wrk = loadgen.ensure_wrk()
         if bench.wrk is None:
@@ -590,6 +601,7 @@ def _main(config: Config) -> int:
         "per-connection pauses, latency from the send; the bare app at the same rate shows "
         "each client's own floor",
         "workers": 1,
+        "server_cpus": sorted(bench.server_cpus) if bench.server_cpus else "unpinned",
         "results": bench.results,
         "checks": checks,
         "notes": bench.notes,
