@@ -361,15 +361,15 @@ class KeyCache:
         ttl = 2 * self.settings.cache_refresh_seconds
         for start in range(0, len(hashes), REFRESH_CHUNK):
             before: dict[str, CacheEntry] = {}
+            row_ids: dict[str, int] = {}
             for h in hashes[start : start + REFRESH_CHUNK]:
                 entry = self._entries.get(h)
                 if entry is not None and entry.record is not None:  # negatives are not re-read
                     before[h] = entry
+                    row_ids[h] = entry.record.key_pk
             if not before:
                 continue
-            sources = await load_fingerprints(
-                {h: entry.record.key_pk for h, entry in before.items() if entry.record}
-            )
+            sources = await load_fingerprints(row_ids)
             moved = [h for h, old in before.items() if sources.get(h, old.source) != old.source]
             moved_set = set(moved)
             rows = await load_rows(moved) if moved else {}

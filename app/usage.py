@@ -396,18 +396,15 @@ class _Rows:
 
     def statements(self) -> list[list[str]]:
         """The encoded columns, whole slices of about FLUSH_STATEMENT_ROWS rows per statement."""
-        out: list[list[str]] = []
-        group: list[list[str]] = []
+        groups: list[list[list[str]]] = [[]]
         rows = 0
         for texts, size in zip(self._texts, self._sizes, strict=True):
-            group.append(texts)
-            rows += size
             if rows >= FLUSH_STATEMENT_ROWS:
-                out.append([",".join(column) for column in zip(*group, strict=True)])
-                group, rows = [], 0
-        if group:
-            out.append([",".join(column) for column in zip(*group, strict=True)])
-        return out
+                groups.append([])
+                rows = 0
+            groups[-1].append(texts)
+            rows += size
+        return [columns for group in groups if (columns := _concatenated(group)) is not None]
 
     def counts(self, index: int) -> _Counts:
         return _key_counts(
