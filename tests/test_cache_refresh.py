@@ -7,7 +7,7 @@ import asyncio
 
 from starlette.applications import Starlette
 
-from app.cache import KeyCache, record_from_model
+from app.cache import KeyCache, moved_keys, record_from_model
 from app.settings import Settings
 from app.tokens import hash_secret
 from models import ApiKey, KeyStatus
@@ -67,6 +67,36 @@ async def test_refresh_drops_a_key_whose_row_no_longer_carries_its_secret(
     assert cache.fresh(hash_secret(other)) is not None
     assert await code(ws, secret) == "INVALID_KEY"
     assert await code(ws, other) == "VALID"
+
+
+async def test_a_row_that_moved_without_changing_the_record_keeps_its_entry(
+    app: Starlette, ws: WorkspaceHandle
+) -> None:
+    """A row whose stored text changed but whose record reads the same (permissions reordered)
+    has moved: it is read again, found equal, and its entry (and rendered answer) kept under the
+    new fingerprint, so the next refresh finds nothing moved."""
+    cache: KeyCache = app.state.key_cache
+    key_id, secret = await ws.create_key(permissions=["a", "b"])
+    assert await code(ws, secret) == "VALID"
+    kept = cache.fresh(hash_secret(secret))
+    assert kept is not None and kept.record is not None
+    source = kept.source
+    await ApiKey.filter(public_id=key_id).update(permissions=["b", "a"])
+    checked, changed = await cache.refresh()
+    assert checked >= 1 and changed == 0
+    assert cache.fresh(hash_secret(secret)) is kept
+    assert kept.source != source  # the new row's fingerprint
+    assert (
+        set(await moved_keys([hash_secret(secret)], [kept.record.key_pk], [kept.source])) == set()
+    )
+    # An out-of-date fingerprint, a deleted row: both moved.
+    assert await moved_keys([hash_secret(secret)], [kept.record.key_pk], [source]) == {
+        hash_secret(secret)
+    }
+    await ApiKey.filter(public_id=key_id).delete()
+    assert await moved_keys([hash_secret(secret)], [kept.record.key_pk], [kept.source]) == {
+        hash_secret(secret)
+    }
 
 
 async def test_the_refresh_runs_by_itself(app: Starlette, ws: WorkspaceHandle) -> None:
