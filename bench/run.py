@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +45,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BARE = "bare"
 SMALL = "verify-1k"
 LARGE = "verify-1M"
+SIDE_BY_SIDE = "side-by-side"
 PG_SETTINGS = "-c shared_buffers=1GB"
 
 
@@ -183,13 +185,16 @@ class Bench:
             )
         return figures
 
-    def one_run(self, server: procs.Server, tokens: list[str], tokens_file: Path) -> Any:
+    def one_run(
+        self, server: procs.Server, tokens: list[str], tokens_file: Path, threads: int = 0
+    ) -> Any:
+        """One full-load run; `threads`: wrk's threads, when not BENCH_WRK_THREADS."""
         if self.wrk is not None:
             return loadgen.run_wrk(
                 self.wrk,
                 server.url,
                 tokens_file,
-                threads=self.config.wrk_threads,
+                threads=threads or self.config.wrk_threads,
                 connections=self.config.connections,
                 seconds=self.config.duration,
             )
@@ -294,8 +299,9 @@ def section_full_load(bench: Bench) -> None:
     1,000,000 keys (the load spread evenly over a hot set of 100,000). The three servers run side
     by side and their runs are interleaved, bare, 1k, 1M, `repeat` times, so that a busy
     neighbour on this shared machine weighs on all three alike instead of on whichever target
-    it happened to coincide with. Then memory, and p99 at half the 1M full-load rate against the
-    bare route at the same rate (each client's own floor)."""
+    it happened to coincide with. Then the same pairs side by side (`side_by_side`), memory, and
+    p99 at half the 1M full-load rate against the bare route at the same rate (each client's own
+    floor)."""
     config = bench.config
     small = bench.dataset("bench_small", config.keys_small, config.keys_small)
     large = bench.dataset("bench_large", config.keys_large, config.hot)
@@ -332,6 +338,7 @@ def section_full_load(bench: Bench) -> None:
         for t in targets:
             bench.record(t.name, {"full": bench.summarise(t.name, runs[t.name], cpu[t.name])})
             bench.record(t.name, {"rss_mib": procs.rss_mib(t.server.pid)})
+        side_by_side(bench, [(targets[1], targets[0]), (targets[2], targets[1])])
         bench.record(LARGE, {"rss_after_load": procs.rss_mib(large_server.pid)})
         rate = bench.results[LARGE]["full"]["rps"] / 2
         bench.log(f"{LARGE}: runs at half load, {rate:,.0f} req/s")
@@ -341,6 +348,51 @@ def section_full_load(bench: Bench) -> None:
         )
         floor = bench.half_load(bare, large.tokens, large.tokens_file, rate)
         bench.record(BARE, {"half_load_same_rate": floor})
+
+
+def side_by_side(bench: Bench, pairs: list[tuple[Contender, Contender]]) -> None:
+    """Each pair at full load at once, `repeat` times: two wrk processes, one per server, for the
+    same seconds. With the servers pinned to one CPU, the two share that core in the same
+    instants, so the shared machine's speed, which drifted by up to 2x within a minute here,
+    weighs on both alike and their req/s ratio is their ratio of cost per request. In the
+    interleaved rounds the two runs of a pair are 10 s apart and their ratios scattered from
+    0.7 to 1.8 (2 s runs); side by side, from 0.81 to 0.99. Each server gets about half the core,
+    so the absolute req/s are not the full-load figures; only the ratios are read."""
+    if bench.wrk is None or bench.server_cpus is None:
+        bench.note("side-by-side runs skipped: they need wrk and the servers pinned to one CPU")
+        return
+    # As many wrk threads in all as one full-load run has: with twice as many, one server's
+    # wrk got less of their shared CPU, and that server idled (0.39 of the core against 0.56).
+    threads = max(1, bench.config.wrk_threads // 2)
+    figures: dict[str, Any] = {}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for index in range(bench.config.repeat):
+            for top, bottom in pairs:
+                marks = {t.name: procs.cpu_seconds(t.server.pid) for t in (top, bottom)}
+                started = time.perf_counter()
+                futures = [
+                    pool.submit(bench.one_run, t.server, t.tokens, t.tokens_file, threads)
+                    for t in (top, bottom)
+                ]
+                a, b = (future.result() for future in futures)
+                wall = time.perf_counter() - started
+                cores = {
+                    t.name: (procs.cpu_seconds(t.server.pid) - marks[t.name]) / wall
+                    for t in (top, bottom)
+                }
+                pair = figures.setdefault(
+                    f"{top.name}/{bottom.name}", {"ratios": [], "runs": [], "cpu_cores": []}
+                )
+                pair["ratios"].append(a.rps / b.rps if b.rps else 0.0)
+                pair["runs"].append([a.as_dict(), b.as_dict()])
+                pair["cpu_cores"].append([round(cores[top.name], 3), round(cores[bottom.name], 3)])
+                bench.log(
+                    f"side by side {index + 1}/{bench.config.repeat}: {top.name} "
+                    f"{a.rps:,.0f} req/s (server {cores[top.name]:.2f} cores), {bottom.name} "
+                    f"{b.rps:,.0f} req/s (server {cores[bottom.name]:.2f} cores): "
+                    f"ratio {pair['ratios'][-1]:.3f}"
+                )
+    bench.record(SIDE_BY_SIDE, figures)
 
 
 def section_in_process(bench: Bench) -> None:
@@ -399,6 +451,11 @@ def _paired(top: str, bottom: str, per_cpu: bool) -> Callable[[dict[str, dict[st
     return lambda r: statistics.median(round_ratios(r, top, bottom, per_cpu))
 
 
+def _side_by_side(top: str, bottom: str) -> Callable[[dict[str, dict[str, Any]]], float]:
+    """The median of the side-by-side rounds' ratios (`side_by_side`)."""
+    return lambda r: statistics.median(r[SIDE_BY_SIDE][f"{top}/{bottom}"]["ratios"])
+
+
 def _half_load_figures(half_load: dict[str, Any]) -> dict[str, Any]:
     """The half-load run the target reads: wrk paced when there is one. On this shared two-core
     machine the Python open-loop client's own p99 against the bare app (its floor) was 9-35 ms,
@@ -412,8 +469,10 @@ def _half_load_figures(half_load: dict[str, Any]) -> dict[str, Any]:
 TARGETS = [
     Target(f"{SMALL} / {BARE} req/s", _paired(SMALL, BARE, False), 0.8, True),
     Target("  same, per server CPU-s", _paired(SMALL, BARE, True), 0.8, True),
+    Target("  same, side by side on one core", _side_by_side(SMALL, BARE), 0.8, True),
     Target(f"{LARGE} / {SMALL} req/s", _paired(LARGE, SMALL, False), 0.9, True),
     Target("  same, per server CPU-s", _paired(LARGE, SMALL, True), 0.9, True),
+    Target("  same, side by side on one core", _side_by_side(LARGE, SMALL), 0.9, True),
     Target(
         f"{LARGE} p99 at half load",
         lambda r: float(_half_load_figures(r[LARGE]["half_load"])["p99_ms"]),
@@ -481,6 +540,12 @@ def print_table(results: dict[str, dict[str, Any]], checks: list[dict[str, Any]]
                 f"(median {_paired(top, bottom, False)(results):.2f}; "
                 f"ratio of the medians above {of_medians:.2f})"
             )
+    for pair, figures in results.get(SIDE_BY_SIDE, {}).items():
+        shown = " ".join(f"{r:.2f}" for r in figures["ratios"])
+        print(
+            f"{pair.replace('/', ' / ')} req/s side by side on one core, round by round: {shown} "
+            f"(median {statistics.median(figures['ratios']):.2f})"
+        )
     half = results.get(LARGE, {}).get("half_load")
     floor = results.get(BARE, {}).get("half_load_same_rate", {})
     if half:
