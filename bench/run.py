@@ -354,10 +354,10 @@ def side_by_side(bench: Bench, pairs: list[tuple[Contender, Contender]]) -> None
     """Each pair at full load at once, `repeat` times: two wrk processes, one per server, for the
     same seconds. With the servers pinned to one CPU, the two share that core in the same
     instants, so the shared machine's speed, which drifted by up to 2x within a minute here,
-    weighs on both alike and their req/s ratio is their ratio of cost per request. In the
-    interleaved rounds the two runs of a pair are 10 s apart and their ratios scattered from
-    0.7 to 1.8 (2 s runs); side by side, from 0.81 to 0.99. Each server gets about half the core,
-    so the absolute req/s are not the full-load figures; only the ratios are read."""
+    weighs on both alike and their req/s ratio is their ratio of cost per request. Measured for
+    1M/1k: 40 interleaved rounds of 2 s runs gave pair ratios from 0.67 to 1.84; 10 side-by-side
+    rounds of 10 s, from 0.81 to 0.99. Each server gets about half the core, so the absolute
+    req/s are not the full-load figures; only the ratios are read."""
     if bench.wrk is None or bench.server_cpus is None:
         bench.note("side-by-side runs skipped: they need wrk and the servers pinned to one CPU")
         return
