@@ -9,12 +9,11 @@ app.invalidation).
 Safety net: every `cache_refresh_seconds` a background task re-reads every cached key in bulk
 (REFRESH_CHUNK per query; on PostgreSQL the database compares each row's fingerprint, looked up by
 row ID, with the cached one and names the rows that moved; then whole rows for those only; no ORM
-objects), replaces the
-records that changed and drops the keys that are gone; a positive entry stays fresh for two refresh
-periods after it was last confirmed, so a hot key is never reloaded on the request path and a lost
-notification lives at most one refresh period. When the database cannot be reached, an entry
-confirmed less than `max_staleness_seconds` ago is still served; otherwise the caller gets
-Unavailable.
+objects), replaces the records that changed and drops the keys that are gone; a positive entry
+stays fresh for two refresh periods after it was last confirmed, so a hot key is never reloaded on
+the request path and a lost notification lives at most one refresh period. When the database
+cannot be reached, an entry confirmed less than `max_staleness_seconds` ago is still served;
+otherwise the caller gets Unavailable.
 
 Fault handling (tests/test_faults.py): every way the database can fail (`app.db.DATABASE_ERRORS`,
 including asyncpg's untranslated connection errors during a PostgreSQL restart) means
@@ -409,7 +408,7 @@ class KeyCache:
             checked += len(held)
             if moved:
                 changed += self._apply_moved(
-                    dict(zip(held_hashes, held, strict=True)), moved, rows, now
+                    dict(zip(held_hashes, held, strict=True)), moved, rows, now, fresh_until
                 )
             await asyncio.sleep(0)  # let requests through between chunks
         return checked, changed
@@ -420,11 +419,11 @@ class KeyCache:
         moved: set[str],
         rows: dict[str, dict[str, Any]],
         now: float,
+        fresh_until: float,
     ) -> int:
         """Replace or drop the entries whose rows moved (`rows`: as read since, by secret hash).
         Returns how many changed or went."""
         changed = 0
-        ttl = 2 * self.settings.cache_refresh_seconds
         for secret_hash in moved:
             old = held[secret_hash]
             if self._entries.get(secret_hash) is not old:
@@ -439,7 +438,7 @@ class KeyCache:
             if record != old.record:
                 self._generation += 1
                 self._entries[secret_hash] = CacheEntry(
-                    record, now + ttl, now, None, fingerprint(row), old.round
+                    record, fresh_until, now, None, fingerprint(row), old.round
                 )
                 changed += 1
             else:
