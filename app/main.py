@@ -22,6 +22,7 @@ from app.http.graphiql import ASSETS_PATH, graphiql_assets
 from app.http.graphql import GraphQLEndpoint, KeyplaneGraphQL
 from app.http.health import health
 from app.http.verify import VerifyEndpoint
+from app.hugepages import HeapPages
 from app.invalidation import Listener, Notifier
 from app.metrics import Metrics, metrics_endpoint
 from app.services import Services
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     usage = UsageRecorder(settings, services.clock)
     metrics = Metrics()
     gc_policy = GcPolicy(min(settings.cache_refresh_seconds, 10.0))
+    heap_pages = HeapPages(settings.huge_pages)
     verify = VerifyEndpoint(settings, key_cache, services.clock, activity, usage, metrics)
 
     @asynccontextmanager
@@ -90,6 +92,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             await usage.start()
             await key_cache.start()
             await gc_policy.start()
+            await heap_pages.start()
             listener = None
             if settings.is_postgres:
                 listener = Listener(settings.database_url, key_cache)
@@ -99,6 +102,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             finally:
                 if listener is not None:
                     await listener.stop()
+                await heap_pages.stop()
                 await gc_policy.stop()
                 await key_cache.stop()
                 await usage.stop()

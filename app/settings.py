@@ -52,6 +52,7 @@ class Settings:
     denial_rate_per_ip: int = 20
     denial_retention_days: int = 30
     max_body_bytes: int = 64 * 1024
+    huge_pages: bool = True  # app.hugepages: the heap on transparent huge pages (Linux)
     # Anomaly detection (part 3); see README "Anomalies".
     new_ip_days: int = 30
     failure_spike_floor: int = 20
@@ -76,6 +77,7 @@ class Settings:
         for name, attr in (
             ("KEYPLANE_GRAPHIQL", "graphiql"),
             ("KEYPLANE_INTROSPECTION", "introspection"),
+            ("KEYPLANE_HUGE_PAGES", "huge_pages"),
         ):
             if (raw := env.get(name)) is not None:
                 kwargs[attr] = _parse_bool(name, raw)
