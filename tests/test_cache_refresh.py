@@ -7,7 +7,7 @@ import asyncio
 
 from starlette.applications import Starlette
 
-from app.cache import KeyCache, moved_keys, record_from_model
+from app.cache import KeyCache, moved_keys, probe, record_from_model
 from app.settings import Settings
 from app.tokens import hash_secret
 from models import ApiKey, KeyStatus
@@ -86,17 +86,13 @@ async def test_a_row_that_moved_without_changing_the_record_keeps_its_entry(
     assert checked >= 1 and changed == 0
     assert cache.fresh(hash_secret(secret)) is kept
     assert kept.source != source  # the new row's fingerprint
-    assert (
-        set(await moved_keys([hash_secret(secret)], [kept.record.key_pk], [kept.source])) == set()
-    )
+    pk = kept.record.key_pk
+    assert kept.probe == probe(kept.record, kept.source) == f"{pk}:{kept.source}"
+    assert await moved_keys([kept.probe]) == set()
     # An out-of-date fingerprint, a deleted row: both moved.
-    assert await moved_keys([hash_secret(secret)], [kept.record.key_pk], [source]) == {
-        hash_secret(secret)
-    }
+    assert await moved_keys([probe(kept.record, source), kept.probe]) == {pk}
     await ApiKey.filter(public_id=key_id).delete()
-    assert await moved_keys([hash_secret(secret)], [kept.record.key_pk], [kept.source]) == {
-        hash_secret(secret)
-    }
+    assert await moved_keys([kept.probe]) == {pk}
 
 
 async def test_the_refresh_runs_by_itself(app: Starlette, ws: WorkspaceHandle) -> None:
