@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from starlette.applications import Starlette
 
+from app import cache as cache_module
 from app.cache import KeyCache, moved_keys, probe, record_from_model
 from app.settings import Settings
 from app.tokens import hash_secret
@@ -46,6 +48,36 @@ async def test_refresh_catches_changes_that_bypassed_the_change_feed(
     assert cache.fresh(hash_secret(same)) is kept
     assert await code(ws, same) == "VALID"
     assert cache.misses == misses + 1  # only the deleted key was looked up again
+
+
+async def test_refresh_in_many_chunks_and_slices_checks_every_key_once(
+    app: Starlette, ws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of 3 keys per query, listed 2 at a time: every cached key is checked exactly once,
+    the changed ones are caught wherever they fall, and the rest are confirmed."""
+    monkeypatch.setattr(cache_module, "REFRESH_CHUNK", 3)
+    monkeypatch.setattr(cache_module, "REFRESH_SLICE", 2)
+    cache: KeyCache = app.state.key_cache
+    cache.clear()
+    keys = [await ws.create_key() for _ in range(8)]
+    for _, secret in keys:
+        assert await code(ws, secret) == "VALID"
+    entries = {secret: cache.fresh(hash_secret(secret)) for _, secret in keys}
+    before = {secret: entry.fresh_until for secret, entry in entries.items() if entry}
+    assert len(before) == 8
+    await ApiKey.filter(public_id=keys[4][0]).update(status=KeyStatus.DISABLED)
+    await ApiKey.filter(public_id=keys[7][0]).delete()
+
+    cached = sum(1 for entry in dict.values(cache._entries) if entry.record is not None)
+    checked, changed = await cache.refresh()
+    assert (checked, changed) == (cached, 2)  # each cached key once (the 8, and any others)
+    assert await code(ws, keys[4][1]) == "DISABLED"
+    assert await code(ws, keys[7][1]) == "INVALID_KEY"
+    for index in (0, 1, 2, 3, 5, 6):
+        secret = keys[index][1]
+        entry = cache.fresh(hash_secret(secret))
+        assert entry is entries[secret]  # kept, not reloaded
+        assert entry is not None and entry.fresh_until > before[secret]  # and confirmed
 
 
 async def test_refresh_drops_a_key_whose_row_no_longer_carries_its_secret(
