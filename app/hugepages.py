@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -73,6 +74,8 @@ def heap_stretches(mappings: Iterable[Mapping]) -> Iterator[tuple[int, int]]:
 
 
 class _Libc:
+    """madvise and mincore, typed once per process (`_libc`)."""
+
     def __init__(self) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         self.madvise = libc.madvise
@@ -118,9 +121,14 @@ class Collapsed:
     refused: int = 0  # an errno saying it cannot (EINVAL: no MADV_COLLAPSE, THP off), or 0
 
 
+@functools.cache
+def _libc() -> _Libc:
+    return _Libc()
+
+
 def collapse_heap(maps_path: str = "/proc/self/maps") -> Collapsed:
     """Collapse the dense stretches of this process's heap into huge pages."""
-    libc = _Libc()
+    libc = _libc()
     with open(maps_path) as maps:
         mappings = list(parse_maps(maps))
     out = Collapsed()
@@ -135,22 +143,12 @@ def collapse_heap(maps_path: str = "/proc/self/maps") -> Collapsed:
     return out
 
 
-def huge_bytes(smaps_path: str = "/proc/self/smaps_rollup") -> int:
-    """Anonymous memory of this process on transparent huge pages."""
-    with open(smaps_path) as smaps:
-        for line in smaps:
-            if line.startswith("AnonHugePages:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 class HeapPages:
     """Collapses the heap into huge pages every HEAP_PAGES_SECONDS, in a worker thread."""
 
     def __init__(self, enabled: bool, seconds: float = HEAP_PAGES_SECONDS) -> None:
         self.enabled = enabled and os.path.exists("/proc/self/maps")
         self._loop = Periodic(seconds, self._tick)
-        self._told = False
         self.collapsed = 0  # bytes collapsed (or already huge) by the largest pass so far
 
     async def _tick(self) -> None:
@@ -170,10 +168,9 @@ class HeapPages:
             reason = os.strerror(done.refused)
             logger.info("huge pages are not available here (MADV_COLLAPSE: %s)", reason)
             return
-        self.collapsed = max(self.collapsed, collapsed)
-        if not self._told and collapsed >= 64 * HUGE:
-            self._told = True
+        if self.collapsed < 64 * HUGE <= collapsed:  # said once, when it first amounts to much
             logger.info("heap on huge pages: %d MiB", collapsed >> 20)
+        self.collapsed = max(self.collapsed, collapsed)
 
     async def start(self) -> None:
         if self.enabled:

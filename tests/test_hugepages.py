@@ -4,6 +4,8 @@ really collapses it, that sparse memory is left alone, and the setting."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import mmap
 import os
 import sys
@@ -11,7 +13,15 @@ import sys
 import pytest
 
 from app import hugepages
-from app.hugepages import HUGE, SMALL, HeapPages, collapse_heap, heap_stretches, parse_maps
+from app.hugepages import (
+    HUGE,
+    SMALL,
+    Collapsed,
+    HeapPages,
+    collapse_heap,
+    heap_stretches,
+    parse_maps,
+)
 from app.settings import Settings, SettingsError
 
 MAPS = """\
@@ -39,6 +49,15 @@ def test_only_private_anonymous_memory_is_a_candidate_in_whole_aligned_stretches
         (0x7F0000200000, 0x7F0000800000),
     ]
     # Too small for a huge page, file-backed, shared, inaccessible and the stack: left alone.
+
+
+def _huge_bytes() -> int:
+    """This process's anonymous memory on transparent huge pages, as the kernel reports it."""
+    with open("/proc/self/smaps_rollup") as smaps:
+        for line in smaps:
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _private(size: int) -> mmap.mmap:
@@ -82,7 +101,7 @@ def test_dense_memory_is_collapsed_and_sparse_memory_is_left_alone() -> None:
                 "the service logs that once and carries on with small pages"
             )
         assert result.asked >= 6 * HUGE
-        assert hugepages.huge_bytes() >= 6 * HUGE  # the kernel really moved memory
+        assert _huge_bytes() >= 6 * HUGE  # the kernel really moved memory
         # The sparse region did not become resident (collapsing it would have filled it).
         assert _resident(libc, sparse_start, sparse_start + 6 * HUGE) == sparse_before
         # The collapsed memory still holds what was written.
@@ -117,6 +136,37 @@ async def test_the_background_task_collapses_the_heap_and_can_be_turned_off() ->
     await asyncio.sleep(0.2)
     await off.stop()
     assert off.collapsed == 0
+
+
+async def test_a_kernel_that_refuses_is_logged_once_and_left_alone(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """EINVAL before anything worked (no MADV_COLLAPSE, THP off): one log line, no more passes.
+    After a pass that worked, a refusal is one mapping's: the task keeps going."""
+    passes: list[Collapsed] = []
+
+    def refusing() -> Collapsed:
+        passes.append(Collapsed(asked=HUGE, failed=HUGE, refused=errno.EINVAL))
+        return passes[-1]
+
+    monkeypatch.setattr(hugepages, "collapse_heap", refusing)
+    task = HeapPages(True, seconds=0.01)
+    with caplog.at_level(logging.INFO, logger="keyplane.hugepages"):
+        await task.start()
+        await asyncio.sleep(0.2)
+        await task.stop()
+    assert len(passes) == 1 and not task.enabled
+    assert [r.getMessage() for r in caplog.records] == [
+        f"huge pages are not available here (MADV_COLLAPSE: {os.strerror(errno.EINVAL)})"
+    ]
+
+    worked = HeapPages(True, seconds=0.01)
+    worked.collapsed = 8 * HUGE
+    passes.clear()
+    await worked.start()
+    await asyncio.sleep(0.2)
+    await worked.stop()
+    assert len(passes) > 1 and worked.enabled
 
 
 def test_the_setting_is_read_and_a_bad_value_is_named() -> None:
