@@ -170,3 +170,51 @@ def test_gc_policy_freezes_survivors_and_collects_all_hourly() -> None:
         assert survivor
     finally:
         gc.unfreeze()
+
+
+async def test_records_share_what_many_keys_repeat(
+    app: Starlette, ws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys with the same permissions hold one set and one sorted tuple, and every record of a
+    workspace holds the same status, type and ID strings; the shared sets are bounded, and a
+    record built after they start over is still exactly right."""
+    cache: KeyCache = app.state.key_cache
+    secrets = {}
+    for name, permissions in (
+        ("a", ["pdf.read", "pdf.generate"]),
+        ("b", ["pdf.generate", "pdf.read"]),
+        ("c", ["x.y"]),
+    ):
+        _, secrets[name] = await ws.create_key(permissions=permissions)
+        assert await code(ws, secrets[name]) == "VALID"
+    records = {}
+    for name, secret in secrets.items():
+        entry = cache.fresh(hash_secret(secret))
+        assert entry is not None and entry.record is not None
+        records[name] = entry.record
+    a, b, c = records["a"], records["b"], records["c"]
+    assert a.permissions is b.permissions and a.permission_list is b.permission_list
+    assert a.permission_list == ("pdf.generate", "pdf.read")
+    assert c.permissions == frozenset({"x.y"}) and c.permissions is not a.permissions
+    for field_name in (
+        "status",
+        "key_type",
+        "workspace_id",
+        "environment_id",
+        "authorized_origins",
+    ):
+        assert getattr(a, field_name) is getattr(c, field_name), field_name
+    # Bounded: with room for one set, each new set starts the table over.
+    monkeypatch.setattr(cache_module, "SHARED_SETS_MAX", 1)
+    _, other = await ws.create_key(permissions=["z.1"])
+    _, another = await ws.create_key(permissions=["z.2"])
+    for secret, expected in ((other, frozenset({"z.1"})), (another, frozenset({"z.2"}))):
+        assert await code(ws, secret) == "VALID"
+        entry = cache.fresh(hash_secret(secret))
+        assert entry is not None and entry.record is not None
+        assert entry.record.permissions == expected
+    assert len(cache_module._shared_permissions) == 1
+    response = await ws.client.get(
+        "/v1/verify", headers={"X-API-Key": another, "X-Required-Permissions": "z.1"}
+    )
+    assert response.json()["code"] == "INSUFFICIENT_PERMISSIONS"
