@@ -89,20 +89,27 @@ class ActivityRecorder:
         required: Sequence[str],
     ) -> None:
         """`observe` for a caller that already holds the parsed client address and its text."""
-        # An IP on the key's own allowlist is expected, never news.
-        allowlisted = bool(key.allowed_networks) and ip_allowed(address, key.allowed_networks)
-        marker_ip = (key.key_id, text)
-        stored = self._stored_ips.get(marker_ip)
-        if stored is not None and now - stored < LAST_SEEN_PRECISION:
-            pass  # seen within the hour and written: nothing to learn or to write
-        elif address is not None and not allowlisted:
-            seen = self._ips.get(marker_ip)
-            if seen is not None:
-                seen.last = now
-            elif len(self._ips) < MAX_BUFFERED:
-                self._ips[marker_ip] = _Seen(key, now, now)
-            else:
-                self.dropped += 1
+        memo = key.tally
+        if text == memo.seen_ip and now < memo.seen_until:
+            pass  # the same IP as last time, written within the hour (below)
+        else:
+            marker_ip = (key.key_id, text)
+            stored = self._stored_ips.get(marker_ip)
+            if stored is not None and now - stored < LAST_SEEN_PRECISION:
+                # Seen within the hour and written: nothing to learn or to write, and the key
+                # remembers it, so the next request from this IP needs no lookup.
+                memo.seen_ip, memo.seen_until = text, stored + LAST_SEEN_PRECISION
+            elif address is not None and not (
+                # An IP on the key's own allowlist is expected, never news.
+                key.allowed_networks and ip_allowed(address, key.allowed_networks)
+            ):
+                seen = self._ips.get(marker_ip)
+                if seen is not None:
+                    seen.last = now
+                elif len(self._ips) < MAX_BUFFERED:
+                    self._ips[marker_ip] = _Seen(key, now, now)
+                else:
+                    self.dropped += 1
         for permission in required:
             marker = (key.key_id, permission)
             if marker in self._permissions or marker in self._stored_permissions:

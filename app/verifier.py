@@ -18,20 +18,25 @@ Check order (CONTRACT §4), the same whichever way the key arrives:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import Enum
 
 from app.net import Address, Network, ip_allowed
 from app.permissions import missing_permissions
 from app.tokens import parse_token
 
+_NEVER = datetime.min.replace(tzinfo=UTC)
+
 
 class UsageTally:
-    """One process's counts of a key's verifications that are not written yet.
+    """One process's counts of a key's verifications that are not written yet, and what the
+    activity recorder last learned of where it is used from.
 
     app.usage counts into it and its flush takes the counts; the verifier never reads it. It
     lives on the otherwise immutable record, so counting a verification of a cached key needs no
-    lookup and no new object (the recorder keeps a list of the tallies it has to write)."""
+    lookup and no new object (the recorder keeps a list of the tallies it has to write).
+    app.activity keeps here the client IP it last found already written for this key and until
+    when that needs no new write, so a key called from one address costs it no lookup."""
 
     __slots__ = (
         "bucket_hour",
@@ -40,6 +45,8 @@ class UsageTally:
         "hour",
         "last_used",
         "owner",
+        "seen_ip",
+        "seen_until",
         "total",
     )
 
@@ -51,6 +58,8 @@ class UsageTally:
         self.last_used: datetime | None = None  # of the pending successful verifications
         self.bucket_id: int | None = None  # PostgreSQL: the owner's bucket row of bucket_hour
         self.bucket_hour: datetime | None = None
+        self.seen_ip: str | None = None  # app.activity: an IP written for this key
+        self.seen_until: datetime = _NEVER  # ... whose last-seen time needs no update until then
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from app.activity import ActivityRecorder
 from app.cache import record_from_model
 from app.settings import Settings
 from app.verifier import KeyRecord
-from models import ApiKey, UsageBucket
+from models import ApiKey, KeyIp, UsageBucket
 from tests.support import OffsetClock, WorkspaceHandle
 
 ANOMALIES = "query($since: DateTime) { anomalies(since: $since) { kind keyId detectedAt detail } }"
@@ -49,6 +49,30 @@ async def test_new_ip_after_the_first_is_an_anomaly(
     found = await _kinds(ws, key_id)
     assert [a["kind"] for a in found] == ["NEW_IP"]
     assert found[0]["detail"] == "first request from 198.51.100.7 in 30 days"
+
+
+async def test_a_key_remembers_its_written_ip_until_its_last_seen_needs_a_write(
+    ws: WorkspaceHandle, recorder: ActivityRecorder, clock: OffsetClock
+) -> None:
+    """The memo on the key spares the lookup for the IP it last found written, and only that:
+    another IP is still seen, and after an hour the same IP is buffered to update last_seen."""
+    key_id, _ = await ws.create_key()
+    record = await _record(key_id)
+    recorder.observe(now=clock.now(), key=record, ip="192.0.2.10", required=[])
+    assert await recorder.flush() == 0
+    recorder.observe(now=clock.now(), key=record, ip="192.0.2.10", required=[])
+    assert record.tally.seen_ip == "192.0.2.10" and recorder.pending == 0
+    recorder.observe(now=clock.now(), key=record, ip="192.0.2.10", required=[])
+    assert recorder.pending == 0
+    recorder.observe(now=clock.now(), key=record, ip="198.51.100.7", required=[])
+    assert recorder.pending == 1
+    assert await recorder.flush() == 1  # NEW_IP, not hidden by the memo
+    later = clock.now() + timedelta(hours=1, seconds=1)
+    recorder.observe(now=later, key=record, ip="192.0.2.10", required=[])
+    assert recorder.pending == 1  # last_seen is due for a write again
+    assert await recorder.flush() == 0
+    stored = await KeyIp.get(key_id=key_id, ip="192.0.2.10")
+    assert abs(stored.last_seen - later) < timedelta(seconds=1)
 
 
 async def test_an_ip_seen_long_ago_is_new_again(
