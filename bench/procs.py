@@ -94,8 +94,8 @@ def cpu_layout() -> tuple[set[int], set[int]] | None:
     server that stayed on the slower one would bias a whole run's ratios. Unpinned, two runs of
     one build gave 1M/1k 1.12 and 0.77 (1.17 and 0.77 per server CPU-s); pinned, two runs of it
     gave 0.83 and 0.94: steadier, though two runs each cannot prove it. PostgreSQL no longer
-    shares the servers' CPU; it shares the other with wrk, whose slowdown still shows as server
-    idle time."""
+    shares the servers' CPU; it shares the other with wrk. (The 1M server's "idle" 5% of earlier
+    runs was wrk's own start-up, see bench/verify.lua.)"""
     if os.environ.get("BENCH_PIN", "1").strip() == "0":
         return None
     cpus = sorted(os.sched_getaffinity(0))

@@ -356,8 +356,9 @@ def side_by_side(bench: Bench, pairs: list[tuple[Contender, Contender]]) -> None
     instants, so the shared machine's speed, which drifted by up to 2x within a minute here,
     weighs on both alike and their req/s ratio is their ratio of cost per request. Measured for
     1M/1k: 40 interleaved rounds of 2 s runs gave pair ratios from 0.67 to 1.84; 10 side-by-side
-    rounds of 10 s, from 0.81 to 0.99. Each server gets about half the core, so the absolute
-    req/s are not the full-load figures; only the ratios are read."""
+    rounds of 10 s, from 0.81 to 0.99 (both before verify.lua's start-up stopped favouring the
+    target with more tokens; 8 rounds after it, 0.894 to 0.930). Each server gets about half
+    the core, so the absolute req/s are not the full-load figures; only the ratios are read."""
     if bench.wrk is None or bench.server_cpus is None:
         bench.note("side-by-side runs skipped: they need wrk and the servers pinned to one CPU")
         return
