@@ -95,10 +95,10 @@ class ActivityRecorder:
         else:
             marker_ip = (key.key_id, text)
             stored = self._stored_ips.get(marker_ip)
-            if stored is not None and now - stored < LAST_SEEN_PRECISION:
+            if stored is not None and now < (until := stored + LAST_SEEN_PRECISION):
                 # Seen within the hour and written: nothing to learn or to write, and the key
                 # remembers it, so the next request from this IP needs no lookup.
-                memo.seen_ip, memo.seen_until = text, stored + LAST_SEEN_PRECISION
+                memo.seen_ip, memo.seen_until = text, until
             elif address is not None and not (
                 # An IP on the key's own allowlist is expected, never news.
                 key.allowed_networks and ip_allowed(address, key.allowed_networks)

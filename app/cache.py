@@ -34,10 +34,10 @@ import logging
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from tortoise import connections
 
@@ -136,6 +136,7 @@ def probe(record: KeyRecord, source: int) -> str:
 # environment's IDs, a permission set, an environment's origins. A cached key is then about half
 # as many objects (with 100,000 keys cached, ~90 MB less heap), and the verifier's checks of the
 # status and type compare a string with itself instead of reading one more object per key.
+_T = TypeVar("_T")
 SHARED_SETS_MAX = 10_000  # distinct permission or origin sets kept for sharing; then start over
 _EMPTY: frozenset[str] = frozenset()
 _shared_permissions: dict[frozenset[str], tuple[frozenset[str], tuple[str, ...]]] = {}
@@ -146,18 +147,27 @@ def _text(value: object) -> str:
     return sys.intern(str(value))
 
 
+def _share(table: dict[frozenset[str], _T], key: frozenset[str], make: Callable[[], _T]) -> _T:
+    """The value `table` shares for `key`, made on first use; the table starts over at
+    SHARED_SETS_MAX."""
+    shared = table.get(key)
+    if shared is None:
+        if len(table) >= SHARED_SETS_MAX:
+            table.clear()
+        shared = table[key] = make()
+    return shared
+
+
 def _permissions(names: set[str]) -> tuple[frozenset[str], tuple[str, ...]]:
     """The shared (set, sorted tuple) of these permission names."""
     if not names:
         return _EMPTY, ()
-    key = frozenset(names)
-    shared = _shared_permissions.get(key)
-    if shared is None:
-        if len(_shared_permissions) >= SHARED_SETS_MAX:
-            _shared_permissions.clear()
-        names_ = [_text(name) for name in sorted(key)]
-        shared = _shared_permissions[key] = (frozenset(names_), tuple(names_))
-    return shared
+
+    def make() -> tuple[frozenset[str], tuple[str, ...]]:
+        listed = tuple(_text(name) for name in sorted(names))
+        return frozenset(listed), listed
+
+    return _share(_shared_permissions, frozenset(names), make)
 
 
 def _origins(values: Any) -> frozenset[str]:
@@ -165,12 +175,7 @@ def _origins(values: Any) -> frozenset[str]:
     if not values:
         return _EMPTY
     key = frozenset(values)
-    shared = _shared_origins.get(key)
-    if shared is None:
-        if len(_shared_origins) >= SHARED_SETS_MAX:
-            _shared_origins.clear()
-        shared = _shared_origins[key] = key
-    return shared
+    return _share(_shared_origins, key, lambda: key)
 
 
 def record_from_model(key: ApiKey) -> KeyRecord:
