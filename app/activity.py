@@ -10,11 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from tortoise.transactions import in_transaction
-
 from app.background import Periodic
 from app.clock import Clock
-from app.db import DATABASE_ERRORS
+from app.db import DATABASE_ERRORS, transaction
 from app.net import Address, ip_allowed, parse_address
 from app.permissions import missing_permissions
 from app.settings import Settings
@@ -167,7 +165,7 @@ class ActivityRecorder:
         stored_permissions: set[tuple[str, str]] = set()
         new_ips: list[KeyIp] = []
         new_permissions: list[KeyPermissionUse] = []
-        async with in_transaction():
+        async with transaction():
             key_ids = sorted({key_id for key_id, _ in ips})
             known: dict[tuple[str, str], KeyIp] = {}
             keys_with_history: set[str] = set()

@@ -11,14 +11,18 @@ HTTP 500s and hung waiters (tests/test_faults.py).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 from tortoise import Tortoise
+from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.exceptions import BaseORMException
 from tortoise.migrations.api import migrate as run_migrations
+from tortoise.transactions import in_transaction
 
 APP_LABEL = "keyplane"
 
@@ -35,7 +39,40 @@ DATABASE_ERRORS: tuple[type[Exception], ...] = (
     OSError,  # includes ConnectionError (refused, reset) and TimeoutError
     asyncpg.PostgresError,  # untranslated: CannotConnectNowError, AdminShutdownError, ...
     asyncpg.InterfaceError,  # "connection is closed"
+    # A pooled connection whose server process was terminated while it sat idle (a restart, an
+    # idle timeout, pg_terminate_backend) can fail its next statement with "cannot switch to
+    # state ...; another operation is in progress" (tests/test_transactions.py).
+    asyncpg.InternalClientError,
 )
+
+
+@contextlib.asynccontextmanager
+async def transaction() -> AsyncIterator[BaseDBAsyncClient]:
+    """`tortoise.transactions.in_transaction()`, which every write of the service goes through,
+    without its leak when BEGIN fails.
+
+    Tortoise 1.1's transaction context takes a connection (PostgreSQL: from the pool; SQLite:
+    the connection's lock), points the task's connection context at the transaction, and then
+    sends BEGIN. When BEGIN fails (the server dropped that connection meanwhile), it neither
+    gives the connection back nor resets the context: the pool has one connection fewer for
+    good (SQLite: the lock stays taken), and every later transaction in the same task, such as
+    a background flush loop, nests in the dead one and fails too. Here the context's own exit
+    runs in that case as well (its rollback fails on the dead connection and is ignored; the
+    BEGIN's error is what the caller sees). tests/test_transactions.py."""
+    context = in_transaction()
+    try:
+        connection = await context.__aenter__()
+    except BaseException as exc:
+        if getattr(context, "token", None) is not None:  # taken and pointed at, BEGIN failed
+            with contextlib.suppress(Exception):
+                await context.__aexit__(type(exc), exc, exc.__traceback__)
+        raise
+    try:
+        yield connection
+    except BaseException as exc:
+        await context.__aexit__(type(exc), exc, exc.__traceback__)  # rolls back; never swallows
+        raise
+    await context.__aexit__(None, None, None)  # commits
 
 
 def tortoise_config(database_url: str) -> dict[str, Any]:

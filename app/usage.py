@@ -60,11 +60,10 @@ from typing import Any
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.expressions import F, Q
 from tortoise.functions import Max, Sum
-from tortoise.transactions import in_transaction
 
 from app.background import Periodic
 from app.clock import Clock
-from app.db import DATABASE_ERRORS, as_utc
+from app.db import DATABASE_ERRORS, as_utc, transaction
 from app.settings import Settings
 from app.verifier import KeyRecord
 from models import ApiKey, Denial, UsageBucket, Workspace
@@ -771,7 +770,7 @@ class UsageRecorder:
         else:
             _drain(dirty, batch)
         learned: dict[str, int] = {}
-        async with in_transaction() as conn:
+        async with transaction() as conn:
             if not postgres:
                 await self._write_counts_orm(conn, batch, self.writer)
             else:
@@ -951,7 +950,7 @@ class UsageRecorder:
         cutoff = hour_of(now or self.clock.now())
         closed = 0
         while True:
-            async with in_transaction() as conn:
+            async with transaction() as conn:
                 if self.settings.is_postgres:
                     _, rows = await conn.execute_query(_PG_ROLLUP, [cutoff, ROLLUP_CHUNK])
                     count = int(rows[0][0])

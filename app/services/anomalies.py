@@ -18,9 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from tortoise.transactions import in_transaction
-
-from app.db import as_utc
+from app.db import as_utc, transaction
 from app.errors import ValidationFailed
 from app.permissions import KEY_UPDATE, KEY_VIEW
 from app.services import Services, audit
@@ -108,7 +106,7 @@ async def set_business_hours(
     principal.require(KEY_UPDATE)
     cleaned = check_business_hours(hours) if hours is not None else None
     now = services.clock.now()
-    async with in_transaction():
+    async with transaction():
         workspace = await Workspace.get(id=principal.workspace_id)
         workspace.business_hours = cleaned.as_json() if cleaned else None
         await workspace.save(update_fields=["business_hours"])

@@ -6,8 +6,7 @@ import re
 from collections.abc import Sequence
 from datetime import datetime
 
-from tortoise.transactions import in_transaction
-
+from app.db import transaction
 from app.errors import NotFound, ValidationFailed
 from app.net import normalise_origins
 from app.permissions import KEY_CREATE, KEY_UPDATE, KEY_VIEW
@@ -82,7 +81,7 @@ async def create_environment(services: Services, principal: Principal, name: str
     principal.require(KEY_CREATE)
     name = check_environment_name(name.strip())
     now = services.clock.now()
-    async with in_transaction():
+    async with transaction():
         workspace = await Workspace.get(id=principal.workspace_id)
         if await Environment.exists(workspace_id=workspace.id, name=name):
             raise ValidationFailed(f"environment {name!r} already exists", field="name")
@@ -106,7 +105,7 @@ async def set_rotation_policy(
             f"days={days} is out of range; use 1 to {MAX_ROTATION_POLICY_DAYS}", field="days"
         )
     now = services.clock.now()
-    async with in_transaction():
+    async with transaction():
         environment = await get_environment(principal, environment_id)
         previous = environment.rotation_policy_days
         environment.rotation_policy_days = days
@@ -131,7 +130,7 @@ async def set_authorized_origins(
     except ValueError as exc:
         raise ValidationFailed(str(exc), field="origins") from None
     now = services.clock.now()
-    async with in_transaction():
+    async with transaction():
         environment = await get_environment(principal, environment_id)
         environment.authorized_origins = cleaned
         await environment.save(update_fields=["authorized_origins"])

@@ -12,8 +12,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from tortoise.expressions import Q
-from tortoise.transactions import in_transaction
 
+from app.db import transaction
 from app.errors import InvalidState, KeyLimitReached, NotFound, ValidationFailed
 from app.net import normalise_allowed_ips
 from app.permissions import KEY_CREATE, KEY_DELETE, KEY_UPDATE, KEY_VIEW
@@ -289,7 +289,7 @@ async def create_key(services: Services, principal: Principal, request: NewKey) 
     permissions = clean_permissions(request.permissions)
     allowed_ips = _clean_ips(request.allowed_ips)
     expires_at = clean_expiry(request.expires_at, now)
-    async with in_transaction():
+    async with transaction():
         # Locking the workspace row serialises concurrent creates against the plan limit.
         workspace = await Workspace.select_for_update().get(id=principal.workspace_id)
         environment = await get_environment(principal, request.environment_id)
@@ -325,7 +325,7 @@ async def update_key(
 ) -> ApiKey:
     principal.require(KEY_UPDATE)
     now = services.clock.now()
-    async with in_transaction():
+    async with transaction():
         key = await _key_for_change(principal, key_id)
         changed: dict[str, Any] = {}
         if changes.name is not UNCHANGED:
@@ -365,7 +365,7 @@ async def set_status(
             "status REVOKED cannot be set here; use the revoke mutation", field="status"
         )
     now = services.clock.now()
-    async with in_transaction():
+    async with transaction():
         key = await _key_for_change(principal, key_id)
         if key.status == KeyStatus.REVOKED:
             raise InvalidState(f"key {key_id!r} is revoked; a revoked key cannot be re-enabled")
@@ -408,7 +408,7 @@ async def revoke(
     principal.require(KEY_DELETE)
     check_grace(grace_minutes)
     now = services.clock.now()
-    async with in_transaction():
+    async with transaction():
         key = await _key_for_change(principal, key_id)
         _revoke_in_place(key, grace_minutes, now)
         await key.save()
@@ -454,7 +454,7 @@ async def rotate_key(
     principal.require(KEY_DELETE)
     check_grace(grace_minutes)
     now = services.clock.now()
-    async with in_transaction():
+    async with transaction():
         workspace = await Workspace.get(id=principal.workspace_id)
         key = await _key_for_change(principal, key_id)
         rotation = await _rotate_in_place(workspace, key, grace_minutes, now)
@@ -478,7 +478,7 @@ async def rotate_all(
     principal.require(KEY_DELETE)
     check_grace(grace_minutes)
     now = services.clock.now()
-    async with in_transaction():
+    async with transaction():
         workspace = await Workspace.get(id=principal.workspace_id)
         environment: Environment = await get_environment(principal, environment_id)
         keys = (
@@ -510,7 +510,7 @@ async def set_allowed_ips(
     principal.require(KEY_UPDATE)
     cleaned = _clean_ips(ips)
     now = services.clock.now()
-    async with in_transaction():
+    async with transaction():
         key = await _key_for_change(principal, key_id)
         key.allowed_ips = cleaned
         key.updated_at = now
@@ -524,7 +524,7 @@ async def delete_key(services: Services, principal: Principal, key_id: str) -> s
     """Delete a key for good: its token becomes unknown. Usage and audit history remain."""
     principal.require(KEY_DELETE)
     now = services.clock.now()
-    async with in_transaction():
+    async with transaction():
         key = await _key_for_change(principal, key_id)
         if key.type == KeyKind.CLIENT_SIDE:
             raise InvalidState(

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tortoise.transactions import in_transaction
-
+from app.db import transaction
 from app.errors import ValidationFailed
 from app.permissions import OPERATOR_PERMISSIONS, TOKEN_CREATE
 from app.services import Services, audit
@@ -42,7 +41,7 @@ async def create_management_token(
             cleaned.append(permission)
     now = services.clock.now()
     token = mint_bearer(MANAGEMENT_TAG)
-    async with in_transaction():
+    async with transaction():
         record = await ManagementToken.create(
             public_id=new_public_id("mt"),
             workspace_id=principal.workspace_id,

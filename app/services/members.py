@@ -7,8 +7,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from tortoise.transactions import in_transaction
-
+from app.db import transaction
 from app.errors import InvalidCredentials, InvalidState, NotFound, ValidationFailed
 from app.passwords import (
     MAX_PASSWORD,
@@ -88,7 +87,7 @@ async def login(email: str, password: str, now: datetime) -> LoggedIn:
     if member is not None and ok:
         token = mint_bearer(SESSION_TAG)
         expires_at = now + SESSION_LIFETIME
-        async with in_transaction():
+        async with transaction():
             if new_hash is not None:
                 member.password_hash = new_hash
                 await member.save(update_fields=["password_hash"])
@@ -118,7 +117,7 @@ async def logout(services: Services, principal: Principal) -> None:
     if principal.session_id is None:
         raise InvalidState("logout ends a member's session; this request used a management token")
     now = services.clock.now()
-    async with in_transaction():
+    async with transaction():
         await Session.filter(id=principal.session_id).update(ended_at=now)
         await audit.record(principal, "member.logout", now)
 
@@ -146,7 +145,7 @@ async def invite_member(
     now = services.clock.now()
     token = mint_bearer(INVITE_TAG)
     expires_at = now + INVITE_LIFETIME
-    async with in_transaction():
+    async with transaction():
         member = await Member.get_or_none(email=address)
         # login(email, password) names no workspace, so an email belongs to one member only.
         if member is not None and (
@@ -181,7 +180,7 @@ async def accept_invite(token: str, password: str, name: str | None, now: dateti
         raise InvalidCredentials(GENERIC_INVITE_FAILURE)
     check_new_password(password)
     display_name = clean_name(name, "name") if name is not None else None
-    async with in_transaction():
+    async with transaction():
         member = await Member.filter(invite_hash=hash_secret(token)).select_for_update().first()
         if member is None or member.invite_expires_at is None or member.invite_expires_at <= now:
             raise InvalidCredentials(GENERIC_INVITE_FAILURE)
@@ -210,7 +209,7 @@ async def update_member(
 ) -> Member:
     principal.require(MEMBER_MANAGE)
     now = services.clock.now()
-    async with in_transaction():
+    async with transaction():
         member = await _member(principal, member_id)
         if (
             member.role == MemberRole.OWNER
@@ -236,7 +235,7 @@ async def remove_member(services: Services, principal: Principal, member_id: str
     """Remove a member; their sessions end at once (sessions are checked on every request)."""
     principal.require(MEMBER_MANAGE)
     now = services.clock.now()
-    async with in_transaction():
+    async with transaction():
         member = await _member(principal, member_id)
         if member.role == MemberRole.OWNER and await _owners(principal.workspace_id) <= 1:
             raise InvalidState("the workspace's last owner cannot be removed")
@@ -252,7 +251,7 @@ async def set_owner(workspace: Workspace, email: str, password: str, now: dateti
     """Create or reset owner `email` with `password` (the CLI's bootstrap --email)."""
     address = clean_email(email)
     check_new_password(password)
-    async with in_transaction():
+    async with transaction():
         member = await Member.get_or_none(workspace_id=workspace.id, email=address)
         if member is None and await Member.exists(email=address):
             raise ValidationFailed(

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tortoise.transactions import in_transaction
-
+from app.db import transaction
 from app.errors import NotFound, ValidationFailed
 from app.permissions import KEY_CREATE, KEY_VIEW
 from app.services import Services, audit
@@ -35,7 +34,7 @@ async def create_role(
     name = clean_name(name, "role name", limit=64)
     cleaned = clean_permissions(permissions)
     now = services.clock.now()
-    async with in_transaction():
+    async with transaction():
         if await Role.exists(workspace_id=principal.workspace_id, name=name):
             raise ValidationFailed(f"role {name!r} already exists", field="name")
         role = await Role.create(

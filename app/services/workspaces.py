@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from tortoise.transactions import in_transaction
-
+from app.db import transaction
 from app.errors import ValidationFailed
 from app.permissions import OPERATOR_PERMISSIONS
 from app.services.environments import create_environment_rows
@@ -58,7 +57,7 @@ async def bootstrap(name: str, plan: Plan, key_prefix: str, now: datetime) -> Bo
     name = clean_name(name, "workspace name")
     check_key_prefix(key_prefix)
     token = mint_bearer(MANAGEMENT_TAG)
-    async with in_transaction():
+    async with transaction():
         workspace = await Workspace.get_or_none(name=name)
         created = workspace is None
         if workspace is None:

@@ -1,0 +1,116 @@
+"""A transaction whose BEGIN fails gives its connection back (PostgreSQL).
+
+Tortoise 1.1's pooled transaction context acquires a connection, points the task's connection
+context at the transaction, and only then sends BEGIN; when BEGIN fails (the server dropped
+that connection meanwhile: a restart, an idle timeout, an operator's pg_terminate_backend), it
+neither releases the connection nor resets the context. The pool then has one connection fewer
+for good, and every later transaction in the same task (the usage flush's loop, say) nests in
+the dead one and fails too. `app.db.transaction` cleans up after it.
+
+The fault is real: the next connection the pool hands out has its server backend terminated
+(by another connection) before BEGIN is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import asyncpg
+import pytest
+from starlette.applications import Starlette
+from tortoise import connections
+
+from app.db import DATABASE_ERRORS, transaction
+from app.usage import UsageRecorder
+from tests.support import WorkspaceHandle
+from tests.test_usage import key_usage, verify
+
+pytestmark = pytest.mark.postgres_only
+
+
+class _KillingPool:
+    """The service's asyncpg pool, except that each connection it hands out has its server
+    backend terminated (through a connection of its own) before it is returned."""
+
+    def __init__(self, pool: Any, database_url: str) -> None:
+        self.pool = pool
+        self.database_url = database_url
+        self.killed: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+    async def acquire(self, *args: Any, **kwargs: Any) -> Any:
+        connection = await self.pool.acquire(*args, **kwargs)
+        pid = connection.get_server_pid()
+        admin = await asyncpg.connect(self.database_url)
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        self.killed.append(pid)
+        return connection
+
+
+@contextmanager
+def _connections_killed(client: Any, database_url: str) -> Iterator[_KillingPool]:
+    pool = client._pool
+    client._pool = killing = _KillingPool(pool, database_url)
+    try:
+        yield killing
+    finally:
+        client._pool = pool
+
+
+async def _in_use(pool: Any) -> int:
+    return int(pool.get_size() - pool.get_idle_size())
+
+
+async def test_a_transaction_whose_begin_fails_releases_its_connection_and_context(
+    app: Starlette,
+) -> None:
+    client = connections.get("default")
+    await client.execute_query("SELECT 1")  # the pool is created on first use
+    pool = client._pool
+    assert pool is not None
+    with (
+        _connections_killed(client, app.state.settings.database_url) as killing,
+        pytest.raises(DATABASE_ERRORS),
+    ):
+        async with transaction() as conn:
+            await conn.execute_query("SELECT 1")
+    assert killing.killed, "the fault was not injected"
+
+    # The same task runs transactions again: its connection context was reset.
+    async with transaction() as conn:
+        _, rows = await conn.execute_query("SELECT 1 AS one")
+    assert [dict(r) for r in rows] == [{"one": 1}]
+
+    # And the pool got the connection back: at some moment nothing is in use (the service's
+    # background flushes borrow one for a few milliseconds at a time).
+    for _ in range(300):
+        if await _in_use(pool) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert await _in_use(pool) == 0, "a connection is still held by the failed transaction"
+
+
+async def test_counts_kept_by_a_flush_whose_begin_failed_are_written_by_the_next(
+    app: Starlette, ws: WorkspaceHandle
+) -> None:
+    """The usage flush, in one task, after a failed BEGIN: nothing lost, nothing twice."""
+    key_id, secret = await ws.create_key()
+    codes = [await verify(ws.client, secret) for _ in range(7)]
+    assert codes == ["VALID"] * 7
+    usage: UsageRecorder = app.state.usage
+    client = connections.get("default")
+    await client.execute_query("SELECT 1")
+    with _connections_killed(client, app.state.settings.database_url) as killing:
+        assert not await usage.flush()  # BEGIN failed: the counts are kept for the next flush
+    assert killing.killed
+    assert await usage.flush()
+    counted = await key_usage(ws, key_id)
+    assert (counted["totalRequests"], counted["successfulRequests"]) == (7, 7)
