@@ -14,8 +14,8 @@ The fault is real: the next connection the pool hands out has its server backend
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -55,34 +55,33 @@ class _KillingPool:
         return connection
 
 
-@contextmanager
-def _connections_killed(client: Any, database_url: str) -> Iterator[_KillingPool]:
+@asynccontextmanager
+async def _connections_killed(app: Starlette) -> AsyncIterator[_KillingPool]:
+    """While inside: each connection the service's pool hands out is killed first."""
+    client = connections.get("default")
+    await client.execute_query("SELECT 1")  # the pool is created on first use
     pool = client._pool
-    client._pool = killing = _KillingPool(pool, database_url)
+    assert pool is not None
+    client._pool = killing = _KillingPool(pool, app.state.settings.database_url)
     try:
         yield killing
     finally:
         client._pool = pool
 
 
-async def _in_use(pool: Any) -> int:
+def _in_use(pool: Any) -> int:
     return int(pool.get_size() - pool.get_idle_size())
 
 
 async def test_a_transaction_whose_begin_fails_releases_its_connection_and_context(
     app: Starlette,
 ) -> None:
-    client = connections.get("default")
-    await client.execute_query("SELECT 1")  # the pool is created on first use
-    pool = client._pool
-    assert pool is not None
-    with (
-        _connections_killed(client, app.state.settings.database_url) as killing,
-        pytest.raises(DATABASE_ERRORS),
-    ):
-        async with transaction() as conn:
-            await conn.execute_query("SELECT 1")
+    async with _connections_killed(app) as killing:
+        with pytest.raises(DATABASE_ERRORS):
+            async with transaction() as conn:
+                await conn.execute_query("SELECT 1")
     assert killing.killed, "the fault was not injected"
+    pool = killing.pool
 
     # The same task runs transactions again: its connection context was reset.
     async with transaction() as conn:
@@ -92,10 +91,10 @@ async def test_a_transaction_whose_begin_fails_releases_its_connection_and_conte
     # And the pool got the connection back: at some moment nothing is in use (the service's
     # background flushes borrow one for a few milliseconds at a time).
     for _ in range(300):
-        if await _in_use(pool) == 0:
+        if _in_use(pool) == 0:
             break
         await asyncio.sleep(0.01)
-    assert await _in_use(pool) == 0, "a connection is still held by the failed transaction"
+    assert _in_use(pool) == 0, "a connection is still held by the failed transaction"
 
 
 async def test_counts_kept_by_a_flush_whose_begin_failed_are_written_by_the_next(
@@ -106,9 +105,7 @@ async def test_counts_kept_by_a_flush_whose_begin_failed_are_written_by_the_next
     codes = [await verify(ws.client, secret) for _ in range(7)]
     assert codes == ["VALID"] * 7
     usage: UsageRecorder = app.state.usage
-    client = connections.get("default")
-    await client.execute_query("SELECT 1")
-    with _connections_killed(client, app.state.settings.database_url) as killing:
+    async with _connections_killed(app) as killing:
         assert not await usage.flush()  # BEGIN failed: the counts are kept for the next flush
     assert killing.killed
     assert await usage.flush()
