@@ -1,0 +1,99 @@
+"""Cache fills: the misses of one event-loop turn share one query (app.cache.MAX_BATCH at most),
+each waiter gets its own answer, and a row that cannot be read fails its own lookup only."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from tortoise import connections
+
+from app import cache as cache_module
+from app.cache import KeyCache
+from app.settings import Settings
+from app.tokens import hash_secret
+from tests.support import WorkspaceHandle
+
+
+def cache_of(app: Starlette) -> KeyCache:
+    return KeyCache(Settings(database_url=app.state.settings.database_url))
+
+
+@pytest.fixture
+def queries(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The hashes of each fill query, in order (the real query still runs)."""
+    seen: list[list[str]] = []
+    real = cache_module.load_rows
+
+    async def counted(secret_hashes: Sequence[str]) -> dict[str, dict[str, Any]]:
+        seen.append(list(secret_hashes))
+        return await real(secret_hashes)
+
+    monkeypatch.setattr(cache_module, "load_rows", counted)
+    return seen
+
+
+async def test_misses_of_one_turn_share_one_query_and_each_gets_its_own_record(
+    app: Starlette, ws: WorkspaceHandle, queries: list[list[str]]
+) -> None:
+    keys = [await ws.create_key() for _ in range(5)]
+    unknown = [secrets.token_hex(32) for _ in range(3)]
+    hashes = [hash_secret(secret) for _, secret in keys] + unknown
+    cache = cache_of(app)
+    # The first key twice: one lookup for it, both callers answered.
+    records = await asyncio.gather(*(cache.get(h) for h in [*hashes, hashes[0]]))
+    assert [r.key_id if r else None for r in records] == [
+        *(key_id for key_id, _ in keys),
+        None,
+        None,
+        None,
+        keys[0][0],
+    ]
+    assert queries == [hashes]  # one query, each hash once
+    assert cache.misses == len(hashes) + 1
+    # Filled, the unknown ones as negatives: no further query.
+    again = await asyncio.gather(*(cache.get(h) for h in hashes))
+    assert [r.key_id if r else None for r in again] == [
+        r.key_id if r else None for r in records[:-1]
+    ]
+    assert len(queries) == 1
+
+
+async def test_a_batch_holds_at_most_max_batch_hashes(
+    app: Starlette, ws: WorkspaceHandle, queries: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cache_module, "MAX_BATCH", 3)
+    keys = [await ws.create_key() for _ in range(8)]
+    hashes = [hash_secret(secret) for _, secret in keys]
+    cache = cache_of(app)
+    records = await asyncio.gather(*(cache.get(h) for h in hashes))
+    assert [r.key_id if r else None for r in records] == [key_id for key_id, _ in keys]
+    assert [len(q) for q in queries] == [3, 3, 2]
+    assert sorted(h for q in queries for h in q) == sorted(hashes)
+
+
+async def test_a_row_that_cannot_be_read_fails_only_its_own_lookup(
+    app: Starlette, ws: WorkspaceHandle, queries: list[list[str]]
+) -> None:
+    (good_id, good), (bad_id, bad), (other_id, other) = [await ws.create_key() for _ in range(3)]
+    # Written behind the service's back: no valid network (the API would refuse it).
+    await connections.get("default").execute_query(
+        f"UPDATE api_keys SET allowed_ips = '[\"not-an-ip\"]' WHERE public_id = '{bad_id}'"
+    )
+    cache = cache_of(app)
+    results = await asyncio.gather(
+        *(cache.get(hash_secret(s)) for s in (good, bad, other)), return_exceptions=True
+    )
+    assert len(queries) == 1 and len(queries[0]) == 3
+    first, failed, last = results
+    assert not isinstance(first, BaseException) and first is not None
+    assert first.key_id == good_id
+    assert not isinstance(last, BaseException) and last is not None
+    assert last.key_id == other_id
+    assert isinstance(failed, ValueError)
+    assert "not-an-ip" in str(failed)
+    assert cache.fresh(hash_secret(bad)) is None  # nothing cached for it
