@@ -12,6 +12,7 @@ HTTP 500s and hung waiters (tests/test_faults.py).
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import asyncpg
 from tortoise import Tortoise
 from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.backends.sqlite.client import SqliteTransactionContext
 from tortoise.exceptions import BaseORMException
 from tortoise.migrations.api import migrate as run_migrations
 from tortoise.transactions import in_transaction
@@ -43,6 +45,9 @@ DATABASE_ERRORS: tuple[type[Exception], ...] = (
     # idle timeout, pg_terminate_backend) can fail its next statement with "cannot switch to
     # state ...; another operation is in progress" (tests/test_transactions.py).
     asyncpg.InternalClientError,
+    # SQLite's file cannot be (re)opened: raised raw by the transaction context's connect
+    # (tests/test_transactions_sqlite.py); SQL-level errors come translated.
+    sqlite3.Error,
 )
 
 
@@ -58,8 +63,15 @@ async def transaction() -> AsyncIterator[BaseDBAsyncClient]:
     good (SQLite: the lock stays taken), and every later transaction in the same task, such as
     a background flush loop, nests in the dead one and fails too. Here the context's own exit
     runs in that case as well (its rollback fails on the dead connection and is ignored; the
-    BEGIN's error is what the caller sees). tests/test_transactions.py."""
+    BEGIN's error is what the caller sees). tests/test_transactions.py.
+
+    SQLite's context takes the connection's lock before it (re)opens the database file, and
+    keeps it when that fails: every later transaction would wait for it for good. So the file is
+    opened first, outside the lock; when that fails, nothing is taken and the next transaction
+    tries again (tests/test_transactions_sqlite.py)."""
     context = in_transaction()
+    if isinstance(context, SqliteTransactionContext):
+        await context.ensure_connection()
     try:
         connection = await context.__aenter__()
     except BaseException as exc:
