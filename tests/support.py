@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: a movable clock, a GraphQL caller, a fresh workspace."""
+"""Helpers shared by the tests: a movable clock, a GraphQL caller, a verify caller, a fresh
+workspace."""
 
 from __future__ import annotations
 
@@ -23,6 +24,21 @@ class OffsetClock:
 
     def advance(self, **delta: float) -> None:
         self.offset += timedelta(**delta)
+
+
+async def verify(
+    client: httpx.AsyncClient, token: str | None, permissions: str | None = None, **kw: Any
+) -> str:
+    """`GET /v1/verify` with the key in `X-API-Key` (and `X-Required-Permissions` when given);
+    returns the answer's code. `kw` goes to the request (extra `headers`, say)."""
+    headers = dict(kw.pop("headers", {}))
+    if token is not None:
+        headers["X-API-Key"] = token
+    if permissions is not None:
+        headers["X-Required-Permissions"] = permissions
+    response = await client.get("/v1/verify", headers=headers, **kw)
+    code: str = response.json()["code"]
+    return code
 
 
 async def gql(

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from tests.support import OffsetClock, WorkspaceHandle
+from tests.support import OffsetClock, WorkspaceHandle, verify
 
 ANOMALIES = """query($since: DateTime) {
   anomalies(since: $since) { kind keyId detectedAt detail } }"""
@@ -38,14 +38,6 @@ def peer(app: Starlette) -> Peer:
             yield ip, client
 
     return open_peer
-
-
-async def verify(client: httpx.AsyncClient, token: str, permissions: str | None = None) -> str:
-    headers = {"X-API-Key": token}
-    if permissions:
-        headers["X-Required-Permissions"] = permissions
-    code: str = (await client.get("/v1/verify", headers=headers)).json()["code"]
-    return code
 
 
 async def flush(app: Starlette) -> None:

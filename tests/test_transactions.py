@@ -25,8 +25,8 @@ from tortoise import connections
 
 from app.db import DATABASE_ERRORS, transaction
 from app.usage import UsageRecorder
-from tests.support import WorkspaceHandle
-from tests.test_usage import key_usage, verify
+from tests.support import WorkspaceHandle, verify
+from tests.test_usage import key_usage
 
 pytestmark = pytest.mark.postgres_only
 

@@ -24,7 +24,7 @@ from app.tokens import KeyType, mint_token
 from app.usage import UsageRecorder
 from models import Denial, UsageBucket
 from tests.conftest import make_workspace
-from tests.support import OffsetClock, WorkspaceHandle
+from tests.support import OffsetClock, WorkspaceHandle, verify
 
 KEY_USAGE = """query($id: ID!) { key(id: $id) { usage {
     totalRequests successfulRequests failedRequests lastUsedAt } } }"""
@@ -67,19 +67,6 @@ def uws(ws: WorkspaceHandle, peer: tuple[str, httpx.AsyncClient]) -> WorkspaceHa
 def recorder(app: Starlette) -> UsageRecorder:
     usage: UsageRecorder = app.state.usage
     return usage
-
-
-async def verify(
-    client: httpx.AsyncClient, token: str | None, *, permissions: str | None = None, **kw: Any
-) -> str:
-    headers = dict(kw.pop("headers", {}))
-    if token is not None:
-        headers["X-API-Key"] = token
-    if permissions is not None:
-        headers["X-Required-Permissions"] = permissions
-    response = await client.get("/v1/verify", headers=headers, **kw)
-    code: str = response.json()["code"]
-    return code
 
 
 async def key_usage(ws: WorkspaceHandle, key_id: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from app.usage import MERGED_WRITER, UsageRecorder, hour_of
 from app.verifier import UsageTally
 from models import ApiKey, UsageBucket
 from tests.conftest import BACKEND
-from tests.support import OffsetClock, WorkspaceHandle
+from tests.support import OffsetClock, WorkspaceHandle, verify
 
 KEY_USAGE = """query($id: ID!) { key(id: $id) { lastUsedAt usage {
     totalRequests successfulRequests failedRequests lastUsedAt } } }"""
@@ -44,14 +44,6 @@ async def rws(app: Starlette, ws: WorkspaceHandle) -> AsyncIterator[WorkspaceHan
 def recorder(app: Starlette) -> UsageRecorder:
     usage: UsageRecorder = app.state.usage
     return usage
-
-
-async def verify(ws: WorkspaceHandle, secret: str, permissions: str | None = None) -> str:
-    headers = {"X-API-Key": secret}
-    if permissions:
-        headers["X-Required-Permissions"] = permissions
-    code: str = (await ws.client.get("/v1/verify", headers=headers)).json()["code"]
-    return code
 
 
 def tally(app: Starlette, secret: str) -> UsageTally:
@@ -83,8 +75,8 @@ async def test_rollup_moves_closed_hours_into_the_key_counters_exactly_once(
 ) -> None:
     ws, usage = rws, recorder(app)
     key_id, secret = await ws.create_key(permissions=["pdf.read"])
-    codes = [await verify(ws, secret) for _ in range(5)]
-    codes += [await verify(ws, secret, "admin.all") for _ in range(2)]
+    codes = [await verify(ws.client, secret) for _ in range(5)]
+    codes += [await verify(ws.client, secret, "admin.all") for _ in range(2)]
     assert codes == ["VALID"] * 5 + ["INSUFFICIENT_PERMISSIONS"] * 2
     hour = hour_of(clock.now())
     assert await usage.flush()
@@ -106,7 +98,7 @@ async def test_rollup_moves_closed_hours_into_the_key_counters_exactly_once(
 
     # A late write into the rolled-up hour (a batch kept through an outage) is counted once:
     # shown at once, in the key's counters after the next roll-up at the latest.
-    assert [await verify(ws, secret) for _ in range(3)] == ["VALID"] * 3
+    assert [await verify(ws.client, secret) for _ in range(3)] == ["VALID"] * 3
     assert await usage.flush()
     assert await shown(ws, key_id) == (10, 8, 2)
     await usage.rollup(now=hour + timedelta(hours=2))
@@ -128,7 +120,7 @@ async def test_environment_usage_shows_the_latest_use_before_and_after_rollup(
     env = (await ws.q("query($id: ID!) { key(id: $id) { environment { id } } }", {"id": key_id}))[
         "key"
     ]["environment"]["id"]
-    assert await verify(ws, secret) == "VALID"
+    assert await verify(ws.client, secret) == "VALID"
     assert await usage.flush()
     before = (await ws.q(ENV_USAGE, {"env": env}))["usage"]["totals"]
     key_last = (await ws.q(KEY_USAGE, {"id": key_id}))["key"]["lastUsedAt"]
@@ -146,7 +138,7 @@ async def test_flushes_racing_rollups_count_every_verification_once(
     sent = 0
     for _ in range(8):
         for _ in range(15):
-            assert await verify(ws, secret) == "VALID"
+            assert await verify(ws.client, secret) == "VALID"
             sent += 1
         # The flush and a roll-up of the hour the flush writes run at the same time.
         flushed, _ = await asyncio.gather(
@@ -167,7 +159,7 @@ async def test_flushed_last_use_keeps_the_exact_microsecond(
     """Timestamps travel to PostgreSQL as integer epoch microseconds: nothing is rounded."""
     ws, usage = rws, recorder(app)
     key_id, secret = await ws.create_key(permissions=["pdf.read"])
-    assert [await verify(ws, secret) for _ in range(3)] == ["VALID"] * 3
+    assert [await verify(ws.client, secret) for _ in range(3)] == ["VALID"] * 3
     [(marker, counts)] = [(m, c) for m, c in usage.pending_counts().items() if m[0] == key_id]
     assert counts.last_used is not None and counts.last_used.microsecond  # sub-second part
     assert await usage.flush()
@@ -185,8 +177,8 @@ async def test_a_flush_encoded_in_many_slices_counts_every_key_exactly(
     ws, usage = rws, recorder(app)
     keys = [await ws.create_key(permissions=["pdf.read"]) for _ in range(7)]
     for n, (_, secret) in enumerate(keys, start=1):
-        assert [await verify(ws, secret) for _ in range(n)] == ["VALID"] * n
-        assert await verify(ws, secret, "admin.all") == "INSUFFICIENT_PERMISSIONS"
+        assert [await verify(ws.client, secret) for _ in range(n)] == ["VALID"] * n
+        assert await verify(ws.client, secret, "admin.all") == "INSUFFICIENT_PERMISSIONS"
     assert await usage.flush()
     for n, (key_id, _) in enumerate(keys, start=1):
         assert await shown(ws, key_id) == (n + 1, n, 1)
@@ -209,7 +201,7 @@ async def test_each_process_writes_its_own_bucket_rows_and_the_rollup_merges_the
     key = record_from_model(
         await ApiKey.get(public_id=key_id).select_related("environment", "workspace", "role")
     )
-    assert [await verify(ws, secret) for _ in range(4)] == ["VALID"] * 4
+    assert [await verify(ws.client, secret) for _ in range(4)] == ["VALID"] * 4
     for _ in range(6):
         other.record(
             now=clock.now(), code="VALID", key=key, ip="198.19.7.8", origin=None, message=""
@@ -237,11 +229,11 @@ async def test_a_key_flushed_again_in_the_hour_is_updated_by_its_bucket_id(
 ) -> None:
     ws, usage = rws, recorder(app)
     key_id, secret = await ws.create_key()
-    assert [await verify(ws, secret) for _ in range(2)] == ["VALID"] * 2
+    assert [await verify(ws.client, secret) for _ in range(2)] == ["VALID"] * 2
     assert await usage.flush()
     [bucket] = await UsageBucket.filter(key_id=key_id)
     assert tally(app, secret).bucket_id == bucket.id
-    assert [await verify(ws, secret) for _ in range(3)] == ["VALID"] * 3
+    assert [await verify(ws.client, secret) for _ in range(3)] == ["VALID"] * 3
     assert await usage.flush()
     [again] = await UsageBucket.filter(key_id=key_id)
     assert (again.id, again.total_requests, again.rolled) == (bucket.id, 5, False)
@@ -258,7 +250,7 @@ async def test_a_bucket_row_gone_before_its_update_by_id_is_written_again(
     counts instead: none is lost."""
     ws, usage = rws, recorder(app)
     key_id, secret = await ws.create_key()
-    assert [await verify(ws, secret) for _ in range(2)] == ["VALID"] * 2
+    assert [await verify(ws.client, secret) for _ in range(2)] == ["VALID"] * 2
     assert await usage.flush()
     remembered = tally(app, secret).bucket_id
     if meanwhile == "deleted":
@@ -267,7 +259,7 @@ async def test_a_bucket_row_gone_before_its_update_by_id_is_written_again(
     else:
         assert await usage.rollup(now=hour_of(clock.now()) + timedelta(hours=1)) >= 1
         expected = 5
-    assert [await verify(ws, secret) for _ in range(3)] == ["VALID"] * 3
+    assert [await verify(ws.client, secret) for _ in range(3)] == ["VALID"] * 3
     assert await usage.flush()
     assert await shown(ws, key_id) == (expected, expected, 0)
     [pending] = await UsageBucket.filter(key_id=key_id, rolled=False)
@@ -289,7 +281,7 @@ async def test_a_flush_spread_over_several_statements_with_pauses_counts_every_r
     assert await usage.flush()  # nothing pending but these keys' verifications from here on
     async with usage._lock:  # no background flush takes part of them
         for _, secret in keys[:4]:
-            assert await verify(ws, secret) == "VALID"
+            assert await verify(ws.client, secret) == "VALID"
     assert await usage.flush()  # four new rows: upserted, two statements
     await UsageBucket.filter(id=tally(app, keys[0][1]).bucket_id).delete()
     statements: list[str] = []
@@ -306,7 +298,7 @@ async def test_a_flush_spread_over_several_statements_with_pauses_counts_every_r
     async with usage._lock:
         for _ in range(3):
             for _, secret in keys:
-                assert await verify(ws, secret) == "VALID"
+                assert await verify(ws.client, secret) == "VALID"
     assert await usage.flush()
     # Four known rows in two updates (one row found gone), then the new key and the gone one.
     assert statements == ["update", "update", "upsert", "upsert"]
@@ -328,20 +320,20 @@ async def test_a_key_reloaded_with_counts_pending_on_its_old_record_is_counted_o
     key_id, secret = await ws.create_key(permissions=["pdf.read"])
     assert await usage.flush()  # nothing pending but this key's verifications from here on
     async with usage._lock:  # the background flush does not take the counts meanwhile
-        assert [await verify(ws, secret) for _ in range(3)] == ["VALID"] * 3
+        assert [await verify(ws.client, secret) for _ in range(3)] == ["VALID"] * 3
         before = tally(app, secret)
         await ws.q(
             """mutation($id: ID!) { updateKey(id: $id,
             input: {permissions: ["pdf.read", "pdf.write"]}) { __typename } }""",
             {"id": key_id},
         )
-        assert [await verify(ws, secret, "pdf.write") for _ in range(4)] == ["VALID"] * 4
+        assert [await verify(ws.client, secret, "pdf.write") for _ in range(4)] == ["VALID"] * 4
         after = tally(app, secret)
         assert after is not before and (before.total, after.total) == (3, 4)
     assert await usage.flush()
     assert (before.total, after.total) == (0, 0)
     assert await shown(ws, key_id) == (7, 7, 0)
-    assert [await verify(ws, secret) for _ in range(2)] == ["VALID"] * 2
+    assert [await verify(ws.client, secret) for _ in range(2)] == ["VALID"] * 2
     assert await usage.flush()
     assert await shown(ws, key_id) == (9, 9, 0)
 
@@ -355,15 +347,15 @@ async def test_counts_pending_when_the_hour_turns_land_in_their_own_hours(
     key_id, secret = await ws.create_key()
     assert await usage.flush()
     first = hour_of(clock.now())
-    assert [await verify(ws, secret) for _ in range(2)] == ["VALID"] * 2
+    assert [await verify(ws.client, secret) for _ in range(2)] == ["VALID"] * 2
     clock.advance(hours=1)
-    assert [await verify(ws, secret) for _ in range(3)] == ["VALID"] * 3
+    assert [await verify(ws.client, secret) for _ in range(3)] == ["VALID"] * 3
     assert {hour: c.total for (k, hour), c in usage.pending_counts().items() if k == key_id} == {
         first: 2,
         first + timedelta(hours=1): 3,
     }
     assert await usage.flush()
-    assert [await verify(ws, secret) for _ in range(4)] == ["VALID"] * 4
+    assert [await verify(ws.client, secret) for _ in range(4)] == ["VALID"] * 4
     assert await usage.flush()
     buckets = await UsageBucket.filter(key_id=key_id).order_by("bucket_start")
     assert [(b.bucket_start, b.total_requests) for b in buckets] == [
