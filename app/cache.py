@@ -465,14 +465,13 @@ class KeyCache:
     ) -> None:
         """One query for the batch's hashes; each waiter gets its own record or error (a row
         that cannot be read fails its own lookup only). Every future is resolved, whatever
-        happens, so no waiter hangs."""
+        happens, so no waiter hangs (only this task resolves them, and waiters shield them)."""
         try:
             rows = await load_rows(list(batch))
         except BaseException as exc:
             failure = exc if isinstance(exc, Exception) else Unavailable("key lookup abandoned")
             for future in batch.values():
-                if not future.done():
-                    future.set_exception(failure)
+                future.set_exception(failure)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -481,10 +480,8 @@ class KeyCache:
             try:
                 found = (record_from_row(row), fingerprint(row)) if row is not None else (None, 0)
             except Exception as exc:
-                if not future.done():
-                    future.set_exception(exc)
-                continue
-            if not future.done():
+                future.set_exception(exc)
+            else:
                 future.set_result(found)
 
     async def refresh(self) -> tuple[int, int]:

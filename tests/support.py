@@ -1,5 +1,5 @@
-"""Helpers shared by the tests: a movable clock, a GraphQL caller, a verify caller, a fresh
-workspace."""
+"""Helpers shared by the tests: a movable clock, a GraphQL caller, a verify caller, a key cache
+of its own, a fresh workspace."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+from starlette.applications import Starlette
+
+from app.cache import KeyCache
+from app.settings import Settings
 
 _names = itertools.count()
 
@@ -24,6 +28,12 @@ class OffsetClock:
 
     def advance(self, **delta: float) -> None:
         self.offset += timedelta(**delta)
+
+
+def cache_of(app: Starlette, **settings: Any) -> KeyCache:
+    """A key cache of its own on the app's database (not the one the app serves from), with
+    these settings changed (`cache_size=4`, say)."""
+    return KeyCache(Settings(database_url=app.state.settings.database_url, **settings))
 
 
 async def verify(

@@ -5,20 +5,15 @@ from __future__ import annotations
 
 from starlette.applications import Starlette
 
-from app.cache import RECENCY_ROUNDS, KeyCache
-from app.settings import Settings
+from app.cache import RECENCY_ROUNDS
 from app.tokens import hash_secret
-from tests.support import WorkspaceHandle
-
-
-def cache_of(app: Starlette, size: int) -> KeyCache:
-    return KeyCache(Settings(database_url=app.state.settings.database_url, cache_size=size))
+from tests.support import WorkspaceHandle, cache_of
 
 
 async def test_a_small_cache_holds_at_most_its_size_and_evicts_the_least_recently_used(
     app: Starlette, ws: WorkspaceHandle
 ) -> None:
-    cache = cache_of(app, 4)
+    cache = cache_of(app, cache_size=4)
     hashes = [hash_secret((await ws.create_key())[1]) for _ in range(6)]
     for h in hashes[:4]:
         assert await cache.get(h) is not None
@@ -39,7 +34,7 @@ async def test_a_key_in_use_stays_cached_while_many_others_pass_through(
     """A large cache moves a hit entry at most once per recency round; a key used in every
     round is still never the one evicted."""
     size = 2 * RECENCY_ROUNDS  # a round ends every 2 fills
-    cache = cache_of(app, size)
+    cache = cache_of(app, cache_size=size)
     hot = hash_secret((await ws.create_key())[1])
     others = [hash_secret((await ws.create_key())[1]) for _ in range(3 * size)]
     assert await cache.get(hot) is not None

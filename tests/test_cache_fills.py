@@ -13,14 +13,8 @@ from starlette.applications import Starlette
 from tortoise import connections
 
 from app import cache as cache_module
-from app.cache import KeyCache
-from app.settings import Settings
 from app.tokens import hash_secret
-from tests.support import WorkspaceHandle
-
-
-def cache_of(app: Starlette) -> KeyCache:
-    return KeyCache(Settings(database_url=app.state.settings.database_url))
+from tests.support import WorkspaceHandle, cache_of
 
 
 @pytest.fixture
