@@ -4,16 +4,17 @@ whose notification was lost, without reloading hot keys on the request path."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 from starlette.applications import Starlette
 
 from app import cache as cache_module
-from app.cache import KeyCache, moved_keys, probe, record_from_model
+from app.cache import CacheEntry, KeyCache, moved_slots, record_from_model
 from app.settings import Settings
 from app.tokens import hash_secret
 from models import ApiKey, KeyStatus
-from tests.support import WorkspaceHandle
+from tests.support import WorkspaceHandle, cache_of
 
 
 async def code(ws: WorkspaceHandle, secret: str) -> str:
@@ -53,17 +54,18 @@ async def test_refresh_catches_changes_that_bypassed_the_change_feed(
 async def test_refresh_in_many_chunks_and_slices_checks_every_key_once(
     app: Starlette, ws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Chunks of 3 keys per query, listed 2 at a time: every cached key is checked exactly once,
-    the changed ones are caught wherever they fall, and the rest are confirmed."""
+    """Chunks of 3 keys per query: every cached key is checked exactly once, the changed ones
+    are caught wherever they fall, and the rest are confirmed without their entries being
+    written."""
     monkeypatch.setattr(cache_module, "REFRESH_CHUNK", 3)
-    monkeypatch.setattr(cache_module, "REFRESH_SLICE", 2)
     cache: KeyCache = app.state.key_cache
     cache.clear()
     keys = [await ws.create_key() for _ in range(8)]
     for _, secret in keys:
         assert await code(ws, secret) == "VALID"
     entries = {secret: cache.fresh(hash_secret(secret)) for _, secret in keys}
-    before = {secret: entry.fresh_until for secret, entry in entries.items() if entry}
+    before = {secret: cache.last_confirmed(entry) for secret, entry in entries.items() if entry}
+    own = {secret: entry.fresh_until for secret, entry in entries.items() if entry}
     assert len(before) == 8
     await ApiKey.filter(public_id=keys[4][0]).update(status=KeyStatus.DISABLED)
     await ApiKey.filter(public_id=keys[7][0]).delete()
@@ -77,7 +79,8 @@ async def test_refresh_in_many_chunks_and_slices_checks_every_key_once(
         secret = keys[index][1]
         entry = cache.fresh(hash_secret(secret))
         assert entry is entries[secret]  # kept, not reloaded
-        assert entry is not None and entry.fresh_until > before[secret]  # and confirmed
+        assert entry is not None and cache.last_confirmed(entry) > before[secret]  # confirmed
+        assert entry.fresh_until == own[secret]  # by its chunk: the entry was not written
 
 
 async def test_refresh_drops_a_key_whose_row_no_longer_carries_its_secret(
@@ -112,19 +115,121 @@ async def test_a_row_that_moved_without_changing_the_record_keeps_its_entry(
     assert await code(ws, secret) == "VALID"
     kept = cache.fresh(hash_secret(secret))
     assert kept is not None and kept.record is not None
-    source = kept.source
+    slots = cache._slots
+    source = slots.fps[kept.slot]
     await ApiKey.filter(public_id=key_id).update(permissions=["b", "a"])
     checked, changed = await cache.refresh()
     assert checked >= 1 and changed == 0
     assert cache.fresh(hash_secret(secret)) is kept
-    assert kept.source != source  # the new row's fingerprint
+    current = slots.fps[kept.slot]
+    assert current != source  # the new row's fingerprint
     pk = kept.record.key_pk
-    assert kept.probe == probe(kept.record, kept.source) == f"{pk}:{kept.source}"
-    assert await moved_keys([kept.probe]) == set()
-    # An out-of-date fingerprint, a deleted row: both moved.
-    assert await moved_keys([probe(kept.record, source), kept.probe]) == {pk}
+    assert slots.ids[kept.slot] == pk and slots.hashes[kept.slot] == hash_secret(secret)
+    assert await moved_slots([pk], [current]) == []
+    # An out-of-date fingerprint, a deleted row: both moved; a free slot (row ID 0) never.
+    assert await moved_slots([0, pk, pk], [0, source, current]) == [1]
     await ApiKey.filter(public_id=key_id).delete()
-    assert await moved_keys([kept.probe]) == {pk}
+    assert await moved_slots([pk, 0], [current, 0]) == [0]
+
+
+def check_slots(cache: KeyCache) -> None:
+    """Every cached key holds its own slot, naming its hash and row; every other slot is free."""
+    slots = cache._slots
+    held: dict[int, CacheEntry] = {}
+    for secret_hash, entry in dict.items(cache._entries):
+        if entry.record is None:
+            assert entry.slot == -1
+            continue
+        assert slots.hashes[entry.slot] == secret_hash
+        assert slots.ids[entry.slot] == entry.record.key_pk
+        held[entry.slot] = entry
+    for slot in range(len(slots)):
+        if slot not in held:
+            assert (slots.hashes[slot], slots.ids[slot]) == (None, 0)
+            assert slot in slots.free or slot in slots.held
+
+
+async def test_slots_follow_fills_evictions_and_invalidations(
+    app: Starlette, ws: WorkspaceHandle
+) -> None:
+    """A bounded cache reuses the slots of evicted and invalidated keys, so the refresh's arrays
+    stay as long as the cache is large, and the refresh of a churned cache checks exactly the
+    keys it holds."""
+    cache = cache_of(app, cache_size=4)
+    keys = [await ws.create_key() for _ in range(7)]
+    for _, secret in keys:
+        assert await cache.get(hash_secret(secret)) is not None
+        check_slots(cache)
+    assert await cache.get(hash_secret("kp_unknown")) is None  # a negative holds no slot
+    check_slots(cache)
+    assert len(cache._slots) == 5  # 4 held and one slot between a fill and its eviction
+    await cache.keys_changed([hash_secret(keys[6][1])])
+    check_slots(cache)
+    assert await cache.get(hash_secret(keys[0][1])) is not None
+    check_slots(cache)
+    assert len(cache._slots) == 5
+    checked, changed = await cache.refresh()
+    assert (checked, changed) == (3, 0)  # the three keys among the 4 entries (one negative)
+
+
+async def test_a_refresh_confirms_only_what_it_checked(
+    app: Starlette, ws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During a refresh, a freed slot is not reused, and a key filled meanwhile is not confirmed
+    by it (its chunk's confirmation ends at the slots the chunk had when it was checked); an
+    entry past its own fresh_until is served while its chunk's confirmation lasts."""
+    cache = cache_of(app)
+    keys = [await ws.create_key() for _ in range(3)]
+    for _, secret in keys[:2]:
+        assert await cache.get(hash_secret(secret)) is not None
+    first = cache.fresh(hash_secret(keys[0][1]))
+    assert first is not None
+    first.fresh_until = 0.0  # as if its two refresh periods were over
+    assert cache.fresh(hash_secret(keys[0][1])) is None
+    real = cache_module.moved_slots
+    during: list[int] = []
+
+    async def meanwhile(ids: Sequence[int], sources: Sequence[int]) -> list[int]:
+        moved = await real(ids, sources)
+        await cache.keys_changed([hash_secret(keys[1][1])])  # frees slot 1 ...
+        assert await cache.get(hash_secret(keys[2][1])) is not None  # ... not reused: slot 2
+        during.append(len(cache._slots))
+        return moved
+
+    monkeypatch.setattr(cache_module, "moved_slots", meanwhile)
+    assert await cache.refresh() == (2, 0)
+    assert during == [3]
+    check_slots(cache)
+    late = cache.fresh(hash_secret(keys[2][1]))
+    assert late is not None and late.slot == 2
+    assert cache._slots.confirmed_until(late.slot) == 0.0  # filled after its chunk was checked
+    assert cache._slots.free == [1]  # released once the refresh was over
+    renewed = cache.fresh(hash_secret(keys[0][1]))
+    assert renewed is first and first.fresh_until > 0.0  # confirmed by its chunk
+
+
+async def test_a_clear_stops_a_refresh(
+    app: Starlette, ws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache emptied during a refresh (the listener reconnected): the refresh stops, and
+    confirms and applies nothing to the new, empty cache."""
+    cache = cache_of(app)
+    key_id, secret = await ws.create_key()
+    assert await cache.get(hash_secret(secret)) is not None
+    await ApiKey.filter(public_id=key_id).update(status=KeyStatus.DISABLED)
+    real = cache_module.moved_slots
+
+    async def cleared(ids: Sequence[int], sources: Sequence[int]) -> list[int]:
+        moved = await real(ids, sources)
+        assert moved == [0]
+        cache.clear()
+        return moved
+
+    monkeypatch.setattr(cache_module, "moved_slots", cleared)
+    assert await cache.refresh() == (0, 0)
+    assert len(cache) == 0 and len(cache._slots) == 0 and len(cache._slots.until) == 0
+    record = await cache.get(hash_secret(secret))
+    assert record is not None and record.status == "DISABLED"
 
 
 async def test_the_refresh_runs_by_itself(app: Starlette, ws: WorkspaceHandle) -> None:
