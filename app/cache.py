@@ -484,9 +484,11 @@ class KeyCache:
         try:
             record, source = await self._bounded_load(secret_hash)
         except DATABASE_ERRORS as exc:
+            # Not an entry invalidated while the lookup ran: that key changed for sure.
             stale_ok = (
                 entry is not None
                 and entry.record is not None
+                and self._entries.get(secret_hash) is entry
                 and time.monotonic() - self.last_confirmed(entry)
                 <= self.settings.max_staleness_seconds
             )

@@ -4,13 +4,14 @@ whose notification was lost, without reloading hot keys on the request path."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import pytest
 from starlette.applications import Starlette
 
 from app import cache as cache_module
-from app.cache import CacheEntry, KeyCache, moved_slots, record_from_model
+from app.cache import CacheEntry, KeyCache, Unavailable, moved_slots, record_from_model
 from app.settings import Settings
 from app.tokens import hash_secret
 from models import ApiKey, KeyStatus
@@ -230,6 +231,38 @@ async def test_a_clear_stops_a_refresh(
     assert len(cache) == 0 and len(cache._slots) == 0 and len(cache._slots.until) == 0
     record = await cache.get(hash_secret(secret))
     assert record is not None and record.status == "DISABLED"
+
+
+async def test_an_entry_invalidated_during_a_failed_lookup_is_not_served_stale(
+    app: Starlette, ws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the database fails a lookup, a recently confirmed entry may be served stale, but not
+    one that was invalidated while the lookup ran (the key was changed: revoked, say)."""
+    cache = cache_of(app, max_staleness_seconds=300)
+    _, secret = await ws.create_key()
+    secret_hash = hash_secret(secret)
+    record = await cache.get(secret_hash)
+    assert record is not None
+    real = cache_module.load_rows
+    invalidate = False
+
+    async def failing(secret_hashes: Sequence[str]) -> dict[str, dict[str, object]]:
+        if invalidate:
+            await cache.keys_changed([secret_hash])
+        raise ConnectionRefusedError("database down")
+
+    monkeypatch.setattr(cache_module, "load_rows", failing)
+    for invalidate in (False, True):
+        entry = cache._entries[secret_hash]
+        entry.fresh_until = time.monotonic() - 1  # due for a lookup; confirmed 61 s ago
+        if not invalidate:
+            assert await cache.get(secret_hash) is record  # served stale: the database is down
+        else:
+            with pytest.raises(Unavailable):
+                await cache.get(secret_hash)
+    assert cache.fresh(secret_hash) is None
+    monkeypatch.setattr(cache_module, "load_rows", real)
+    assert await cache.get(secret_hash) == record
 
 
 async def test_the_refresh_runs_by_itself(app: Starlette, ws: WorkspaceHandle) -> None:
