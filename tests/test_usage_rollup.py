@@ -363,3 +363,34 @@ async def test_counts_pending_when_the_hour_turns_land_in_their_own_hours(
         (first + timedelta(hours=1), 7),
     ]
     assert await shown(ws, key_id) == (9, 9, 0)
+
+
+@pytest.mark.skipif(BACKEND != "postgres", reason="updates by row ID are the PostgreSQL flush")
+async def test_a_failed_flush_keeps_the_counts_it_took_by_bucket_id_for_the_next(
+    app: Starlette, rws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush whose update by bucket row ID fails puts the counts it took back: the next flush
+    writes each of them once (as an upsert: the counts are kept by key and hour then)."""
+    ws, usage = rws, recorder(app)
+    keys = [await ws.create_key() for _ in range(3)]
+    for _, secret in keys:
+        assert await verify(ws.client, secret) == "VALID"
+    assert await usage.flush()
+    query = usage_module._Paced.query
+
+    async def refused(paced: usage_module._Paced, sql: str, values: list[object]) -> list[object]:
+        raise ConnectionRefusedError("database down")
+
+    async with usage._lock:
+        for n, (_, secret) in enumerate(keys, start=1):
+            assert [await verify(ws.client, secret) for _ in range(n)] == ["VALID"] * n
+            assert tally(app, secret).bucket_id is not None  # updated by ID, if all goes well
+    monkeypatch.setattr(usage_module._Paced, "query", refused)
+    assert not await usage.flush()
+    assert usage.pending_requests == 6
+    monkeypatch.setattr(usage_module._Paced, "query", query)
+    assert await usage.flush()
+    assert usage.pending_requests == 0
+    for n, (key_id, _) in enumerate(keys, start=1):
+        assert await shown(ws, key_id) == (n + 1, n + 1, 0)
+        assert sum(b.total_requests for b in await UsageBucket.filter(key_id=key_id)) == n + 1
