@@ -146,9 +146,9 @@ class _Slots:
     (`confirmed_until`). With 100,000 keys cached, the per-entry loops of a refresh cost 0.13 s
     of the event loop's CPU, reading two scattered objects per key every 30 s.
 
-    Slots freed during a refresh are reused only after it: a chunk's confirmation must not cover
-    a key filled after the chunk was checked. A slot is confirmed only below the end its chunk had
-    when it was checked (`upto`)."""
+    During a refresh no slot is reused (slots freed meanwhile are held until it ends): a chunk's
+    confirmation must not cover a key filled after the chunk was checked. A slot is confirmed only
+    below the end its chunk had when it was checked (`upto`)."""
 
     __slots__ = ("fps", "free", "hashes", "held", "ids", "refreshing", "until", "upto")
 
@@ -166,7 +166,7 @@ class _Slots:
         return len(self.hashes)
 
     def take(self, secret_hash: str, key_pk: int, source: int) -> int:
-        if self.free:
+        if self.free and not self.refreshing:
             slot = self.free.pop()
             self.ids[slot], self.fps[slot], self.hashes[slot] = key_pk, source, secret_hash
             return slot

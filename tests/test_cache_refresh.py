@@ -177,13 +177,15 @@ async def test_slots_follow_fills_evictions_and_invalidations(
 async def test_a_refresh_confirms_only_what_it_checked(
     app: Starlette, ws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """During a refresh, a freed slot is not reused, and a key filled meanwhile is not confirmed
-    by it (its chunk's confirmation ends at the slots the chunk had when it was checked); an
-    entry past its own fresh_until is served while its chunk's confirmation lasts."""
+    """During a refresh no slot is reused (one freed before it, one freed meanwhile), and a key
+    filled meanwhile is not confirmed by it (its chunk's confirmation ends at the slots the chunk
+    had when it was checked); an entry past its own fresh_until is served while its chunk's
+    confirmation lasts."""
     cache = cache_of(app)
-    keys = [await ws.create_key() for _ in range(3)]
-    for _, secret in keys[:2]:
+    keys = [await ws.create_key() for _ in range(4)]
+    for _, secret in (*keys[:2], keys[3]):
         assert await cache.get(hash_secret(secret)) is not None
+    await cache.keys_changed([hash_secret(keys[3][1])])  # slot 2 is free before the refresh
     first = cache.fresh(hash_secret(keys[0][1]))
     assert first is not None
     first.fresh_until = 0.0  # as if its two refresh periods were over
@@ -194,18 +196,18 @@ async def test_a_refresh_confirms_only_what_it_checked(
     async def meanwhile(ids: Sequence[int], sources: Sequence[int]) -> list[int]:
         moved = await real(ids, sources)
         await cache.keys_changed([hash_secret(keys[1][1])])  # frees slot 1 ...
-        assert await cache.get(hash_secret(keys[2][1])) is not None  # ... not reused: slot 2
+        assert await cache.get(hash_secret(keys[2][1])) is not None  # ... neither reused: slot 3
         during.append(len(cache._slots))
         return moved
 
     monkeypatch.setattr(cache_module, "moved_slots", meanwhile)
     assert await cache.refresh() == (2, 0)
-    assert during == [3]
+    assert during == [4]
     check_slots(cache)
     late = cache.fresh(hash_secret(keys[2][1]))
-    assert late is not None and late.slot == 2
+    assert late is not None and late.slot == 3
     assert cache._slots.confirmed_until(late.slot) == 0.0  # filled after its chunk was checked
-    assert cache._slots.free == [1]  # released once the refresh was over
+    assert cache._slots.free == [2, 1]  # slot 1 released once the refresh was over
     renewed = cache.fresh(hash_secret(keys[0][1]))
     assert renewed is first and first.fresh_until > 0.0  # confirmed by its chunk
 
