@@ -40,7 +40,10 @@ folded into one row per code with IP `(many)`; so memory and the table stay boun
 flood of random tokens, and every refusal is still counted.
 
 Nothing is lost on a failed flush: the deltas go back into the buffers and are written by the
-next successful flush (counters merge, so nothing is counted twice). Denial rows older than
+next successful flush (counters merge, so nothing is counted twice). A flush that failed at its
+COMMIT (the connection dropped after sending it) may have committed: its deltas are held until
+the next flush has read its writer's row (`usage_writers`), which the flush's transaction sets to
+its own number, and are dropped if it did (`_InDoubt`). Denial rows older than
 `denial_retention_days` are pruned by the service itself; usage buckets are kept.
 """
 
@@ -66,7 +69,7 @@ from app.clock import Clock
 from app.db import DATABASE_ERRORS, as_utc, transaction
 from app.settings import Settings
 from app.verifier import KeyRecord
-from models import ApiKey, Denial, UsageBucket, Workspace
+from models import ApiKey, Denial, UsageBucket, UsageWriter, Workspace
 
 logger = logging.getLogger("keyplane.usage")
 
@@ -95,6 +98,15 @@ ROLLUP_CHUNK = 5000  # closed buckets added to their keys' counters per roll-up 
 ROLLUP_EVERY_SECONDS = 60.0
 
 MERGED_WRITER = -1  # `usage_buckets.writer` of the row the roll-up merges a closed hour into
+
+# A flush whose COMMIT went unanswered (`_InDoubt`). PostgreSQL ends a flush's transaction that
+# sits idle FLUSH_IDLE_SECONDS longer than a flush's pauses can last (its connection lost before
+# COMMIT reached the server), releasing its writer row; the check of the next flush waits for that
+# row at most IN_DOUBT_WAIT_SECONDS at a time. Rows of writers not heard of for WRITER_RETENTION
+# are pruned.
+FLUSH_IDLE_SECONDS = 10.0
+IN_DOUBT_WAIT_SECONDS = 2.0
+WRITER_RETENTION = timedelta(days=30)
 
 _BUCKET_INSERT = """INSERT INTO usage_buckets AS b (workspace_id, environment_id, key_id,
     bucket_start, total_requests, successful_requests, failed_requests, last_used_at, rolled,
@@ -183,6 +195,14 @@ _PG_UPDATE_KEYS = f"""WITH v AS (
 SELECT array_agg(id) AS missed FROM v WHERE id NOT IN (SELECT id FROM up)"""
 # For the rest of the flush's transaction (whose other statements join nothing large).
 _PG_BY_ID_PLAN = "SET LOCAL enable_mergejoin = off; SET LOCAL enable_hashjoin = off"
+# Each flush's transaction first notes its number on its writer's row (`_InDoubt`).
+_PG_FLUSHED = """SET LOCAL idle_in_transaction_session_timeout = {idle_ms};
+INSERT INTO usage_writers (writer, flushed, at) VALUES ({writer}, {sequence}, now())
+ON CONFLICT (writer) DO UPDATE SET flushed = EXCLUDED.flushed, at = EXCLUDED.at"""
+# The number of a writer's last committed flush. Written as an upsert, it waits for a transaction
+# still holding the row, or still inserting it, to end (a bare SELECT would not see it yet).
+_PG_LAST_FLUSHED = """INSERT INTO usage_writers (writer, flushed, at) VALUES ($1, 0, now())
+ON CONFLICT (writer) DO UPDATE SET at = usage_writers.at RETURNING flushed"""
 # The roll-up: closed key buckets (hours before $1), ROLLUP_CHUNK at a time, added to their keys'
 # counters and merged into one rolled row per key and hour (writer MERGED_WRITER), whatever
 # number of processes wrote them. Rows a flush holds are skipped and taken by a later pass.
@@ -497,16 +517,34 @@ class _Paced:
 
 
 class _Taken:
-    """What a PostgreSQL flush took from the tallies: this hour's rows, by statement."""
+    """What a PostgreSQL flush took from the tallies: this hour's rows, by statement; and the
+    flush's number, and whether its transaction got as far as its COMMIT."""
 
-    def __init__(self, hour: datetime) -> None:
+    def __init__(self, hour: datetime, sequence: int) -> None:
         self.hour = hour
+        self.sequence = sequence
+        self.committing = False
         self.known = _Rows(by_id=True)
         self.new = _Rows(by_id=False)
         self.again = _Rows(by_id=False)  # known rows whose bucket row was gone: upserted
 
     def requests(self) -> int:
         return sum(self.known.totals) + sum(self.new.totals)
+
+
+@dataclass
+class _InDoubt:
+    """A flush whose COMMIT went unanswered: the connection dropped after the COMMIT was sent,
+    so the server may have committed it or not. Putting its counts back, as for any other failed
+    flush, would count them twice if it did. So they are held, and the next flush first reads its
+    writer's row (`usage_writers`): the flush set the row to its own number in its transaction, so
+    the number is there exactly when the transaction committed. The read waits for a transaction
+    still holding the row (its COMMIT still in flight, or its connection lost before the COMMIT
+    reached the server and the server not yet aware: PostgreSQL ends it after FLUSH_IDLE_SECONDS
+    idle). Committed: the counts are dropped; not: they are put back and written."""
+
+    batch: _Buffers
+    taken: _Taken
 
 
 async def _add_to_key(
@@ -556,6 +594,8 @@ class UsageRecorder:
         self.writer = secrets.randbelow(2**63 - 1) + 1
         # The records whose tallies hold counts not yet written (each once).
         self._dirty: list[KeyRecord] = []
+        self._sequence = 0  # flushes begun (`usage_writers.flushed`)
+        self._in_doubt: _InDoubt | None = None
         # For /metrics.
         self.last_flush_monotonic = time.monotonic()
         self.flushes = 0
@@ -667,7 +707,12 @@ class UsageRecorder:
     @property
     def pending_requests(self) -> int:
         """Verifications of known keys counted in memory and not yet written."""
-        return self._buffers.requests() + sum(key.tally.total for key in self._dirty)
+        held = (
+            self._in_doubt.batch.requests() + self._in_doubt.taken.requests()
+            if self._in_doubt
+            else 0
+        )
+        return self._buffers.requests() + sum(key.tally.total for key in self._dirty) + held
 
     def pending_counts(self) -> dict[tuple[str, datetime], _Counts]:
         """(key ID, hour) -> the counts not yet written (a copy)."""
@@ -679,38 +724,83 @@ class UsageRecorder:
 
     @property
     def pending_denials(self) -> int:
-        return len(self._buffers.denials) + len(self._buffers.folded)
+        held = self._in_doubt.batch if self._in_doubt else _Buffers()
+        return sum(len(b.denials) + len(b.folded) for b in (self._buffers, held))
 
     async def flush(self) -> bool:
         """Write everything buffered. Returns False (keeping the deltas) when the database
         could not take it."""
         async with self._lock:
+            if self._in_doubt is not None and not await self._settle():
+                return False
             batch, self._buffers = self._buffers, _Buffers()
             dirty, self._dirty = self._dirty, []
             if batch.empty() and not dirty:
                 self.last_flush_monotonic = time.monotonic()
                 return True
-            taken = _Taken(self._hour(self.clock.now()))
+            self._sequence += 1
+            taken = _Taken(self._hour(self.clock.now()), self._sequence)
             try:
                 await self._write(batch, dirty, taken)
             except DATABASE_ERRORS as exc:
                 self.flush_failures += 1
                 logger.warning(
-                    "usage flush failed (%s); keeping %d requests and %d denials for the next",
+                    "usage flush failed (%s)%s; keeping %d requests and %d denials for the next",
                     type(exc).__name__,
+                    " at its COMMIT" if taken.committing else "",
                     batch.requests() + taken.requests(),
                     len(batch.denials) + len(batch.folded),
                 )
-                self._merge_back(batch, taken)
+                self._keep(batch, taken)
                 return False
             except Exception:  # a bug, not an outage: say so loudly, and still lose nothing
                 self.flush_failures += 1
                 logger.exception("usage flush crashed; keeping the batch for the next attempt")
-                self._merge_back(batch, taken)
+                self._keep(batch, taken)
                 return False
             self.flushes += 1
             self.last_flush_monotonic = time.monotonic()
             return True
+
+    def _keep(self, batch: _Buffers, taken: _Taken) -> None:
+        """A failed flush's counts: put back, or held when it failed at its COMMIT (`_InDoubt`)."""
+        if taken.committing:
+            self._in_doubt = _InDoubt(batch, taken)
+        else:
+            self._merge_back(batch, taken)
+
+    async def _settle(self) -> bool:
+        """Whether the flush in doubt committed: its counts dropped if it did, put back if not.
+        False when that cannot be read yet (the counts stay held)."""
+        assert self._in_doubt is not None
+        doubt = self._in_doubt
+        try:
+            async with transaction() as conn:
+                if self.settings.is_postgres:
+                    await conn.execute_script(
+                        f"SET LOCAL lock_timeout = {int(IN_DOUBT_WAIT_SECONDS * 1000)}"
+                    )
+                    rows = await conn.execute_query_dict(_PG_LAST_FLUSHED, [self.writer])
+                    flushed = int(rows[0]["flushed"])
+                else:
+                    row = await UsageWriter.filter(writer=self.writer).using_db(conn).first()
+                    flushed = row.flushed if row is not None else 0
+        except DATABASE_ERRORS as exc:
+            self.flush_failures += 1
+            logger.warning(
+                "usage flush: whether the write whose COMMIT went unanswered committed cannot be "
+                "read yet (%s); holding its %d requests",
+                type(exc).__name__,
+                doubt.batch.requests() + doubt.taken.requests(),
+            )
+            return False
+        self._in_doubt = None
+        if flushed == doubt.taken.sequence:
+            logger.info("usage flush: the write whose COMMIT went unanswered was committed")
+        else:
+            logger.info("usage flush: the write whose COMMIT went unanswered was not committed")
+            self._merge_back(doubt.batch, doubt.taken)
+        return True
 
     def _merge_back(self, batch: _Buffers, taken: _Taken) -> None:
         current = self._buffers
@@ -771,6 +861,7 @@ class UsageRecorder:
             _drain(dirty, batch)
         learned: dict[str, int] = {}
         async with transaction() as conn:
+            await self._note_flush(conn, taken.sequence)
             if not postgres:
                 await self._write_counts_orm(conn, batch, self.writer)
             else:
@@ -799,11 +890,30 @@ class UsageRecorder:
                     batch_size=1000,
                     using_db=conn,
                 )
+            taken.committing = True  # from here on, the COMMIT
         # Committed: the tallies of the upserted keys remember their bucket's row ID.
         for rows in (taken.new, taken.again):
             for key in rows.keys:
                 tally = key.tally
                 tally.bucket_id, tally.bucket_hour = learned.get(key.key_id), taken.hour
+
+    async def _note_flush(self, conn: BaseDBAsyncClient, sequence: int) -> None:
+        """Set this writer's row to this flush's number, in its transaction (`_InDoubt`)."""
+        if self.settings.is_postgres:
+            idle = FLUSH_IDLE_SECONDS + self.settings.flush_interval_seconds
+            await conn.execute_script(
+                _PG_FLUSHED.format(
+                    idle_ms=int(idle * 1000), writer=int(self.writer), sequence=int(sequence)
+                )
+            )
+            return
+        now = self.clock.now()
+        if (
+            not await UsageWriter.filter(writer=self.writer)
+            .using_db(conn)
+            .update(flushed=sequence, at=now)
+        ):
+            await UsageWriter.create(writer=self.writer, flushed=sequence, at=now, using_db=conn)
 
     async def _take(self, dirty: list[KeyRecord], batch: _Buffers, taken: _Taken) -> None:
         """Take the counts of the tallies in `dirty` into `taken` (PostgreSQL), encoding them
@@ -986,10 +1096,12 @@ class UsageRecorder:
         return len(buckets)
 
     async def prune(self, now: datetime | None = None) -> int:
-        """Delete denial rows older than the retention age; returns how many went."""
+        """Delete denial rows older than the retention age, and the rows of writers not heard
+        of for WRITER_RETENTION; returns how many denial rows went."""
         now = now or self.clock.now()
         cutoff = now - timedelta(days=self.settings.denial_retention_days)
         deleted: int = await Denial.filter(at__lt=cutoff).delete()
+        await UsageWriter.filter(at__lt=now - WRITER_RETENTION).delete()
         return deleted
 
     # -- the background task --------------------------------------------------------------

@@ -231,6 +231,20 @@ class UsageBucket(Model):
         indexes = (("environment_id", "bucket_start"),)
 
 
+class UsageWriter(Model):
+    """One row per usage recorder (a process, app.usage): the number of its last committed flush.
+    A flush sets it inside its own transaction, so when the answer to a flush's COMMIT is lost
+    (the connection dropped meanwhile), the next flush reads here whether that write committed
+    instead of writing its counts a second time."""
+
+    writer = fields.BigIntField(primary_key=True, generated=False)
+    flushed = fields.BigIntField(default=0)
+    at = fields.DatetimeField()  # the last flush's time (rows of writers long gone are pruned)
+
+    class Meta:
+        table = "usage_writers"
+
+
 class Denial(Model):
     """One refused verification (or, under a flood, several folded into `count`)."""
 
