@@ -517,8 +517,8 @@ class _Paced:
 
 
 class _Taken:
-    """What a PostgreSQL flush took from the tallies: this hour's rows, by statement; and the
-    flush's number, and whether its transaction got as far as its COMMIT."""
+    """One flush: its number, whether its transaction got as far as its COMMIT, and (PostgreSQL)
+    what it took from the tallies: this hour's rows, by statement."""
 
     def __init__(self, hour: datetime, sequence: int) -> None:
         self.hour = hour
