@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -30,7 +31,7 @@ from tortoise import connections
 import app.usage as usage_module
 from app.usage import UsageRecorder
 from models import Denial, UsageWriter
-from tests.support import WorkspaceHandle, verify
+from tests.support import OffsetClock, WorkspaceHandle, verify
 from tests.test_usage import key_usage
 
 SSL_REQUEST, GSS_REQUEST = 80877103, 80877104  # the untyped messages a client may send first
@@ -284,3 +285,19 @@ async def test_each_flush_notes_its_number_on_its_writer_row(
     finally:
         await usage.start()
     assert (await key_usage(ws, key_id))["totalRequests"] == 2
+
+
+async def test_rows_of_writers_not_heard_of_for_a_month_are_pruned(
+    app: Starlette, clock: OffsetClock
+) -> None:
+    usage: UsageRecorder = app.state.usage
+    now = clock.now()
+    gone, kept = -(10**12) - 1, -(10**12) - 2  # no recorder draws a negative writer ID
+    await UsageWriter.create(writer=gone, flushed=3, at=now - timedelta(days=31))
+    await UsageWriter.create(writer=kept, flushed=4, at=now - timedelta(days=29))
+    try:
+        await usage.prune(now)
+        assert not await UsageWriter.filter(writer=gone).exists()
+        assert (await UsageWriter.get(writer=kept)).flushed == 4
+    finally:
+        await UsageWriter.filter(writer__in=[gone, kept]).delete()
