@@ -1,9 +1,11 @@
 """Helpers shared by the tests: a movable clock, a GraphQL caller, a verify caller, a key cache
-of its own, a fresh workspace."""
+of its own, a fresh workspace, background flushes stopped."""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,6 +30,20 @@ class OffsetClock:
 
     def advance(self, **delta: float) -> None:
         self.offset += timedelta(**delta)
+
+
+@asynccontextmanager
+async def flushes_stopped(*recorders: Any) -> AsyncIterator[None]:
+    """While inside, these recorders' (the app's `usage`, `activity`) background flushes are
+    stopped: the test flushes itself, and a background flush would take its counts first. The
+    app is the session's, so they start again after."""
+    for recorder in recorders:
+        await recorder._loop.stop()
+    try:
+        yield
+    finally:
+        for recorder in recorders:
+            await recorder.start()
 
 
 def cache_of(app: Starlette, **settings: Any) -> KeyCache:

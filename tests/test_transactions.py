@@ -25,7 +25,7 @@ from tortoise import connections
 
 from app.db import DATABASE_ERRORS, transaction
 from app.usage import UsageRecorder
-from tests.support import WorkspaceHandle, verify
+from tests.support import WorkspaceHandle, flushes_stopped, verify
 from tests.test_usage import key_usage
 
 pytestmark = pytest.mark.postgres_only
@@ -102,10 +102,7 @@ async def test_counts_kept_by_a_flush_whose_begin_failed_are_written_by_the_next
 ) -> None:
     """The usage flush, in one task, after a failed BEGIN: nothing lost, nothing twice."""
     usage: UsageRecorder = app.state.usage
-    # No background flush meanwhile (one that ran first would leave this one nothing to write);
-    # the app is the session's: its loop starts again after the test.
-    await usage._loop.stop()
-    try:
+    async with flushes_stopped(usage):
         assert await usage.flush()  # what earlier tests left
         key_id, secret = await ws.create_key()
         codes = [await verify(ws.client, secret) for _ in range(7)]
@@ -115,7 +112,5 @@ async def test_counts_kept_by_a_flush_whose_begin_failed_are_written_by_the_next
             assert not await usage.flush()  # BEGIN failed: the counts are kept for the next
         assert killing.killed
         assert await usage.flush()
-    finally:
-        await usage.start()
     counted = await key_usage(ws, key_id)
     assert (counted["totalRequests"], counted["successfulRequests"]) == (7, 7)

@@ -31,7 +31,7 @@ from tortoise import connections
 import app.usage as usage_module
 from app.usage import UsageRecorder
 from models import Denial, UsageWriter
-from tests.support import OffsetClock, WorkspaceHandle, verify
+from tests.support import OffsetClock, WorkspaceHandle, flushes_stopped, verify
 from tests.test_usage import key_usage
 
 SSL_REQUEST, GSS_REQUEST = 80877103, 80877104  # the untyped messages a client may send first
@@ -154,25 +154,23 @@ async def _through(app: Starlette) -> AsyncIterator[CommitCutter]:
     and its background usage and activity flushes are stopped (the test flushes itself; a
     background flush would take the counts or the cut)."""
     usage: UsageRecorder = app.state.usage
-    activity = app.state.activity
-    await usage._loop.stop()
-    await activity._loop.stop()
-    client = connections.get("default")
-    await client.execute_query("SELECT 1")  # the pool is created on first use
-    pool = client._pool
-    cutter = CommitCutter(int(client._template["port"]))
-    await cutter.start()
-    template: dict[str, Any] = {**client._template, "port": cutter.port}
-    client._pool = proxied = await asyncpg.create_pool(None, password=client.password, **template)
-    try:
-        assert await usage.flush()  # what earlier tests left
-        yield cutter
-    finally:
-        client._pool = pool
-        proxied.terminate()
-        await cutter.stop()
-        await usage.start()
-        await activity.start()
+    async with flushes_stopped(usage, app.state.activity):
+        client = connections.get("default")
+        await client.execute_query("SELECT 1")  # the pool is created on first use
+        pool = client._pool
+        cutter = CommitCutter(int(client._template["port"]))
+        await cutter.start()
+        template: dict[str, Any] = {**client._template, "port": cutter.port}
+        client._pool = proxied = await asyncpg.create_pool(
+            None, password=client.password, **template
+        )
+        try:
+            assert await usage.flush()  # what earlier tests left
+            yield cutter
+        finally:
+            client._pool = pool
+            proxied.terminate()
+            await cutter.stop()
 
 
 async def _verifications(ws: WorkspaceHandle) -> str:
@@ -209,11 +207,13 @@ async def test_a_flush_whose_commit_answer_was_lost_is_not_written_again(
 
 
 @pytest.mark.postgres_only
-async def test_a_flush_whose_commit_arrives_late_is_waited_for_and_counted_once(
-    app: Starlette, ws: WorkspaceHandle
+@pytest.mark.parametrize("late_commit", [True, False], ids=["commits-late", "never-commits"])
+async def test_the_check_waits_for_a_flush_whose_commit_was_held_back(
+    app: Starlette, ws: WorkspaceHandle, late_commit: bool
 ) -> None:
     """The COMMIT is held back while the next flush checks: the check waits for the
-    transaction, which then commits; its counts are not written again."""
+    transaction. Then the COMMIT arrives late (committed: not written again), or its
+    connection closes (the server rolls back: the counts are put back and written)."""
     usage: UsageRecorder = app.state.usage
     async with _through(app) as cutter:
         key_id = await _verifications(ws)
@@ -223,26 +223,9 @@ async def test_a_flush_whose_commit_arrives_late_is_waited_for_and_counted_once(
         check = asyncio.create_task(usage.flush())
         await asyncio.sleep(0.5)
         assert not check.done(), "the check did not wait for the transaction holding the row"
-        await cutter.release(commit=True)
+        await cutter.release(commit=late_commit)
         assert await check
         assert usage.pending_requests == 0
-    assert await _counted(ws, key_id) == (7, 5, 2, 2)
-
-
-@pytest.mark.postgres_only
-async def test_a_flush_whose_commit_never_arrives_is_written_by_the_next(
-    app: Starlette, ws: WorkspaceHandle
-) -> None:
-    usage: UsageRecorder = app.state.usage
-    async with _through(app) as cutter:
-        key_id = await _verifications(ws)
-        cutter.arm("held")
-        assert not await usage.flush()
-        check = asyncio.create_task(usage.flush())
-        await asyncio.sleep(0.5)
-        assert not check.done()
-        await cutter.release(commit=False)  # the server sees the connection close: rollback
-        assert await check  # not committed: the counts are put back and written
     assert await _counted(ws, key_id) == (7, 5, 2, 2)
 
 
@@ -271,8 +254,7 @@ async def test_each_flush_notes_its_number_on_its_writer_row(
     app: Starlette, ws: WorkspaceHandle
 ) -> None:
     usage: UsageRecorder = app.state.usage
-    await usage._loop.stop()
-    try:
+    async with flushes_stopped(usage):
         key_id, secret = await ws.create_key()
         for _ in range(2):
             assert await verify(ws.client, secret) == "VALID"
@@ -282,8 +264,6 @@ async def test_each_flush_notes_its_number_on_its_writer_row(
         before = usage._sequence
         assert await usage.flush()  # nothing to write: no transaction, no number
         assert usage._sequence == before
-    finally:
-        await usage.start()
     assert (await key_usage(ws, key_id))["totalRequests"] == 2
 
 
