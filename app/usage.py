@@ -321,6 +321,9 @@ class _Buffers:
     def requests(self) -> int:
         return sum(c.total for c in self.keys.values())
 
+    def denial_rows(self) -> int:
+        return len(self.denials) + len(self.folded)
+
     def environments(self) -> dict[tuple[str, datetime], _Counts]:
         """Per (environment public ID, hour): the sum of its keys' counts."""
         out: dict[tuple[str, datetime], _Counts] = {}
@@ -546,6 +549,9 @@ class _InDoubt:
     batch: _Buffers
     taken: _Taken
 
+    def requests(self) -> int:
+        return self.batch.requests() + self.taken.requests()
+
 
 async def _add_to_key(
     conn: BaseDBAsyncClient,
@@ -707,11 +713,7 @@ class UsageRecorder:
     @property
     def pending_requests(self) -> int:
         """Verifications of known keys counted in memory and not yet written."""
-        held = (
-            self._in_doubt.batch.requests() + self._in_doubt.taken.requests()
-            if self._in_doubt
-            else 0
-        )
+        held = self._in_doubt.requests() if self._in_doubt else 0
         return self._buffers.requests() + sum(key.tally.total for key in self._dirty) + held
 
     def pending_counts(self) -> dict[tuple[str, datetime], _Counts]:
@@ -724,14 +726,14 @@ class UsageRecorder:
 
     @property
     def pending_denials(self) -> int:
-        held = self._in_doubt.batch if self._in_doubt else _Buffers()
-        return sum(len(b.denials) + len(b.folded) for b in (self._buffers, held))
+        held = self._in_doubt.batch.denial_rows() if self._in_doubt else 0
+        return self._buffers.denial_rows() + held
 
     async def flush(self) -> bool:
         """Write everything buffered. Returns False (keeping the deltas) when the database
         could not take it."""
         async with self._lock:
-            if self._in_doubt is not None and not await self._settle():
+            if self._in_doubt is not None and not await self._settle(self._in_doubt):
                 return False
             batch, self._buffers = self._buffers, _Buffers()
             dirty, self._dirty = self._dirty, []
@@ -749,7 +751,7 @@ class UsageRecorder:
                     type(exc).__name__,
                     " at its COMMIT" if taken.committing else "",
                     batch.requests() + taken.requests(),
-                    len(batch.denials) + len(batch.folded),
+                    batch.denial_rows(),
                 )
                 self._keep(batch, taken)
                 return False
@@ -769,11 +771,9 @@ class UsageRecorder:
         else:
             self._merge_back(batch, taken)
 
-    async def _settle(self) -> bool:
+    async def _settle(self, doubt: _InDoubt) -> bool:
         """Whether the flush in doubt committed: its counts dropped if it did, put back if not.
         False when that cannot be read yet (the counts stay held)."""
-        assert self._in_doubt is not None
-        doubt = self._in_doubt
         try:
             async with transaction() as conn:
                 if self.settings.is_postgres:
@@ -791,7 +791,7 @@ class UsageRecorder:
                 "usage flush: whether the write whose COMMIT went unanswered committed cannot be "
                 "read yet (%s); holding its %d requests",
                 type(exc).__name__,
-                doubt.batch.requests() + doubt.taken.requests(),
+                doubt.requests(),
             )
             return False
         self._in_doubt = None
