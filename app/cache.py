@@ -376,7 +376,11 @@ class KeyCache:
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self._slots = _Slots()  # what the refresh sends for the cached keys
         self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}
-        self._generation = 0  # bumped by every invalidation: a racing fill is not stored
+        self._generation = 0  # bumped by `clear`: no fill that started before it is stored
+        # Hashes invalidated while their fill was in flight: that fill is not stored. Only the
+        # fills of the keys named are affected; another key's invalidation does not hold back
+        # a fill (on PostgreSQL a process also hears its own NOTIFYs, at any moment).
+        self._raced: set[str] = set()
         self._round = 0  # recency round (RECENCY_ROUNDS)
         self._fills = 0  # fills in this round
         self.hits = 0
@@ -404,14 +408,19 @@ class KeyCache:
 
     async def keys_changed(self, secret_hashes: Sequence[str]) -> None:
         """Drop these keys now, in this process (called before the mutation returns)."""
-        self._generation += 1
         for secret_hash in secret_hashes:
-            self._forget(self._entries.pop(secret_hash, None))
+            self.drop(secret_hash)
 
     def drop(self, secret_hash: str) -> None:
-        """Drop one key (another process changed it)."""
-        self._generation += 1
+        """Drop one key (changed by this or another process); a fill of it in flight is not
+        stored."""
+        self._hold_back(secret_hash)
         self._forget(self._entries.pop(secret_hash, None))
+
+    def _hold_back(self, secret_hash: str) -> None:
+        """A fill of this key now in flight read it before it changed: it is not stored."""
+        if secret_hash in self._inflight:
+            self._raced.add(secret_hash)
 
     def clear(self) -> None:
         self._generation += 1
@@ -504,10 +513,12 @@ class KeyCache:
             future.set_result(record)
         finally:
             self._inflight.pop(secret_hash, None)
+            raced = secret_hash in self._raced
+            self._raced.discard(secret_hash)
             if not future.done():  # the loader died otherwise (cancelled, a bug): free waiters
                 future.set_exception(Unavailable("key lookup abandoned"))
                 future.exception()
-        if generation == self._generation:
+        if generation == self._generation and not raced:
             self._store(secret_hash, record, source, now)
         return record
 
@@ -641,14 +652,12 @@ class KeyCache:
                 continue  # invalidated or refilled meanwhile
             row = rows.get(secret_hash)
             if row is None:  # gone: deleted, or no longer carrying this secret hash
-                self._generation += 1
-                del self._entries[secret_hash]
-                self._forget(old)
+                self.drop(secret_hash)
                 changed += 1
                 continue
             record, source = record_from_row(row), fingerprint(row)
             if record != old.record:
-                self._generation += 1
+                self._hold_back(secret_hash)
                 self._forget(old)
                 slot = self._slots.take(secret_hash, record.key_pk, source)
                 self._entries[secret_hash] = CacheEntry(record, fresh_until, None, old.round, slot)

@@ -91,3 +91,34 @@ async def test_a_row_that_cannot_be_read_fails_only_its_own_lookup(
     assert isinstance(failed, ValueError)
     assert "not-an-ip" in str(failed)
     assert cache.fresh(hash_secret(bad)) is None  # nothing cached for it
+
+
+async def test_an_invalidation_holds_back_only_the_fills_of_the_keys_it_names(
+    app: Starlette, ws: WorkspaceHandle
+) -> None:
+    """A fill in flight when its own key is invalidated is not stored (it may have read the row
+    before the change); another key's invalidation leaves it alone. On PostgreSQL a process hears
+    its own NOTIFYs at any moment, so holding back every fill would make misses of unrelated
+    keys depend on that timing."""
+    (_, changed), (_, other) = [await ws.create_key() for _ in range(2)]
+    unknown = hash_secret(secrets.token_hex(32))
+    cache = cache_of(app)
+    fills = [asyncio.create_task(cache.get(h)) for h in (hash_secret(changed), hash_secret(other))]
+    fills.append(asyncio.create_task(cache.get(unknown)))
+    await asyncio.sleep(0)  # all three are in flight, waiting for their shared query
+    assert cache.misses == 3 and not any(fill.done() for fill in fills)
+    await cache.keys_changed([hash_secret(changed)])
+    cache.drop(hash_secret(secrets.token_hex(32)))  # a key nobody is filling
+    records = await asyncio.gather(*fills)
+    assert records[0] is not None and records[1] is not None and records[2] is None
+    assert cache.fresh(hash_secret(changed)) is None  # held back
+    kept = cache.fresh(hash_secret(other))
+    assert kept is not None and kept.record is records[1]
+    negative = cache.fresh(unknown)
+    assert negative is not None and negative.record is None
+    # A clear holds back every fill in flight.
+    again = asyncio.create_task(cache.get(hash_secret(changed)))
+    await asyncio.sleep(0)
+    cache.clear()
+    assert await again is not None
+    assert cache.fresh(hash_secret(changed)) is None
