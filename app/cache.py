@@ -379,7 +379,7 @@ class KeyCache:
         self._generation = 0  # bumped by `clear`: no fill that started before it is stored
         # Hashes invalidated while their fill was in flight: that fill is not stored. Only the
         # fills of the keys named are affected; another key's invalidation does not hold back
-        # a fill (on PostgreSQL a process also hears its own NOTIFYs, at any moment).
+        # a fill (other processes' NOTIFYs arrive at any moment).
         self._raced: set[str] = set()
         self._round = 0  # recency round (RECENCY_ROUNDS)
         self._fills = 0  # fills in this round

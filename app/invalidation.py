@@ -4,6 +4,12 @@ Each process NOTIFYs the hashes a committed mutation changed and LISTENs on a de
 connection, dropping what others changed. While that connection is down notifications can be
 lost, so the cache is cleared on every (re)connect and bypassed until the listener is back.
 
+A payload opens with its sender's origin (`@<random id>`, one per app): a process skips its
+own notices, as its cache dropped those keys before the mutation returned. Heard late, its own
+notice would drop an entry already read back from the committed row: one needless miss, and
+the key's pending usage split over two tallies (a CI run failed on that, 2026-11-27). A process
+that does not know the marker drops it like any other hash, which is a no-op.
+
 Fault handling (tests/test_faults.py): the reconnect loop survives every database failure
 (`app.db.DATABASE_ERRORS`; a probe on a connection PostgreSQL just closed raises
 asyncpg.InterfaceError, which used to end the task, leaving the cache bypassed for good and
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,18 +40,23 @@ MAX_PAYLOAD = 7900  # NOTIFY payloads must stay under 8000 bytes
 PROBE_TIMEOUT = 2.0  # seconds; a half-open connection must not stall the liveness probe
 
 
-def chunks(hashes: Sequence[str]) -> list[str]:
-    """Comma-joined payloads, each under the NOTIFY limit."""
+def new_origin() -> str:
+    """The marker that opens this process's payloads (not a secret: it only names a sender)."""
+    return "@" + secrets.token_hex(8)
+
+
+def chunks(hashes: Sequence[str], origin: str) -> list[str]:
+    """Comma-joined payloads, each under the NOTIFY limit and opened by the sender's origin."""
     payloads: list[str] = []
-    current: list[str] = []
-    size = 0
+    current: list[str] = [origin]
+    size = len(origin) + 1
     for item in hashes:
-        if current and size + len(item) + 1 > MAX_PAYLOAD:
+        if len(current) > 1 and size + len(item) + 1 > MAX_PAYLOAD:
             payloads.append(",".join(current))
-            current, size = [], 0
+            current, size = [origin], len(origin) + 1
         current.append(item)
         size += len(item) + 1
-    if current:
+    if len(current) > 1:
         payloads.append(",".join(current))
     return payloads
 
@@ -52,9 +64,12 @@ def chunks(hashes: Sequence[str]) -> list[str]:
 class Notifier:
     """A ChangeFeed listener that tells the other processes (after the local cache dropped)."""
 
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+
     async def keys_changed(self, secret_hashes: Sequence[str]) -> None:
         client = connections.get("default")
-        for payload in chunks(secret_hashes):
+        for payload in chunks(secret_hashes, self.origin):
             try:
                 await client.execute_query("SELECT pg_notify($1, $2)", [CHANNEL, payload])
             except Exception:  # the mutation committed; a lost notice is covered by the refresh
@@ -64,15 +79,20 @@ class Notifier:
 class Listener:
     """Keeps a LISTEN connection open, reconnecting with backoff."""
 
-    def __init__(self, dsn: str, cache: KeyCache) -> None:
+    def __init__(self, dsn: str, cache: KeyCache, origin: str) -> None:
         self.dsn = dsn
         self.cache = cache
+        self.origin = origin  # this process's notices: its cache already dropped their keys
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        for secret_hash in payload.split(","):
-            self.cache.drop(secret_hash)
+        items = payload.split(",")
+        if items[0] == self.origin:
+            return
+        for secret_hash in items:
+            if not secret_hash.startswith("@"):
+                self.cache.drop(secret_hash)
 
     async def _run(self) -> None:
         delay = 0.1

@@ -23,7 +23,7 @@ from app.http.graphql import GraphQLEndpoint, KeyplaneGraphQL
 from app.http.health import health
 from app.http.verify import VerifyEndpoint
 from app.hugepages import HeapPages
-from app.invalidation import Listener, Notifier
+from app.invalidation import Listener, Notifier, new_origin
 from app.metrics import Metrics, metrics_endpoint
 from app.services import Services
 from app.services.auth import FailureLimiter
@@ -76,8 +76,9 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
 
     key_cache = KeyCache(settings)
     services.changes.subscribe(key_cache)
+    origin = new_origin()  # names this app's NOTIFYs, so its own listener skips them
     if settings.is_postgres:
-        services.changes.subscribe(Notifier())
+        services.changes.subscribe(Notifier(origin))
     activity = ActivityRecorder(settings, services.clock)
     usage = UsageRecorder(settings, services.clock)
     metrics = Metrics()
@@ -95,7 +96,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             await heap_pages.start()
             listener = None
             if settings.is_postgres:
-                listener = Listener(settings.database_url, key_cache)
+                listener = Listener(settings.database_url, key_cache, origin)
                 await listener.start()
             try:
                 yield
@@ -139,6 +140,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     app.state.services = services
     app.state.settings = settings
     app.state.key_cache = key_cache
+    app.state.notice_origin = origin
     app.state.activity = activity
     app.state.usage = usage
     app.state.metrics = metrics
