@@ -28,7 +28,7 @@ import functools
 import logging
 import mmap
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from app.background import Periodic
@@ -146,16 +146,24 @@ def collapse_heap(maps_path: str = "/proc/self/maps") -> Collapsed:
 class HeapPages:
     """Collapses the heap into huge pages every HEAP_PAGES_SECONDS, in a worker thread."""
 
-    def __init__(self, enabled: bool, seconds: float = HEAP_PAGES_SECONDS) -> None:
+    def __init__(
+        self,
+        enabled: bool,
+        seconds: float = HEAP_PAGES_SECONDS,
+        collapse: Callable[[], Collapsed] | None = None,
+    ) -> None:
         self.enabled = enabled and os.path.exists("/proc/self/maps")
         self._loop = Periodic(seconds, self._tick)
+        # One pass over the heap; a test gives its own (never patch the module's: every other
+        # HeapPages in the process, a running app's, would call it too).
+        self._collapse = collapse or collapse_heap
         self.collapsed = 0  # bytes collapsed (or already huge) by the largest pass so far
 
     async def _tick(self) -> None:
         if not self.enabled:
             return
         try:
-            done = await asyncio.to_thread(collapse_heap)
+            done = await asyncio.to_thread(self._collapse)
         except (OSError, AttributeError) as exc:  # AttributeError: no madvise/mincore symbol
             self.enabled = False
             logger.info("huge pages for the heap are not available here (%s)", exc)
