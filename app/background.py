@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections.abc import Awaitable, Callable
+
+from app.log_policy import unforeseen
+
+logger = logging.getLogger("keyplane.background")
 
 
 class Periodic:
@@ -15,7 +20,12 @@ class Periodic:
     say, does not push every later one back by its own duration. `stop` cancels it; when `lock`
     is given it is taken first, so a tick holding it (a flush mid-write) finishes instead of
     being cut off. With `jitter` (a fraction), each period is drawn from seconds * (1 +/- jitter),
-    so processes started together (or a benchmark's rounds) do not stay in step with it."""
+    so processes started together (or a benchmark's rounds) do not stay in step with it.
+
+    A tick that raises is logged and the loop goes on. The ticks catch the database's errors
+    themselves; anything else (a bug) must not end the loop for good. Before, it did: the usage
+    flushes stopped for the rest of the process's life, and `stop` re-raised the error, so the
+    shutdown flush never ran and the counts it held were lost."""
 
     def __init__(
         self,
@@ -35,7 +45,11 @@ class Periodic:
         due = clock() + self._period()
         while True:
             await asyncio.sleep(max(0.0, due - clock()))
-            await self.tick()
+            try:
+                await self.tick()
+            except Exception as exc:
+                name = getattr(self.tick, "__qualname__", "a background task")
+                unforeseen(logger, f"{name} failed; it runs again next period", exc)
             due = max(due + self._period(), clock())
 
     def _period(self) -> float:

@@ -32,6 +32,7 @@ from tortoise import connections
 
 from app.cache import KeyCache
 from app.db import DATABASE_ERRORS
+from app.log_policy import unforeseen
 
 logger = logging.getLogger("keyplane.invalidation")
 
@@ -138,6 +139,6 @@ class Listener:
                 await self._task
             except asyncio.CancelledError:
                 pass
-            except Exception:  # the task died of something unforeseen; log it, shut down anyway
-                logger.exception("the LISTEN task had failed")
+            except Exception as exc:  # the task died of something unforeseen; shut down anyway
+                unforeseen(logger, "the LISTEN task had failed", exc)
             self._task = None

@@ -67,6 +67,7 @@ from tortoise.functions import Max, Sum
 from app.background import Periodic
 from app.clock import Clock
 from app.db import DATABASE_ERRORS, as_utc, transaction
+from app.log_policy import unforeseen
 from app.settings import Settings
 from app.verifier import KeyRecord
 from models import ApiKey, Denial, UsageBucket, UsageWriter, Workspace
@@ -755,9 +756,11 @@ class UsageRecorder:
                 )
                 self._keep(batch, taken)
                 return False
-            except Exception:  # a bug, not an outage: say so loudly, and still lose nothing
+            except Exception as exc:  # a bug, not an outage: say so loudly, and still lose nothing
                 self.flush_failures += 1
-                logger.exception("usage flush crashed; keeping the batch for the next attempt")
+                unforeseen(
+                    logger, "usage flush crashed; keeping the batch for the next attempt", exc
+                )
                 self._keep(batch, taken)
                 return False
             self.flushes += 1

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+
+import pytest
 
 from app.background import Periodic
 
@@ -65,3 +68,33 @@ async def test_jittered_periods_vary_within_their_bounds() -> None:
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert all(0.045 <= gap < 0.25 for gap in gaps), gaps
     assert max(gaps) - min(gaps) > 0.02, gaps  # not one fixed period
+
+
+async def test_a_tick_that_raises_is_logged_and_the_loop_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug in a tick (an error that is not the database's) neither ends the loop nor makes
+    `stop` raise: a usage recorder's shutdown flush, which runs after `stop`, still runs."""
+    ticks = 0
+    quoted = "".join(reversed("e5b0"))  # made at run time: it appears in no source line
+
+    async def tick() -> None:
+        nonlocal ticks
+        ticks += 1
+        if ticks == 1:
+            raise KeyError(quoted)  # a message quoting a value (a token hash, say)
+
+    periodic = Periodic(0.02, tick)
+    with caplog.at_level(logging.ERROR, logger="keyplane.background"):
+        periodic.start()
+        for _ in range(300):
+            if ticks >= 3:
+                break
+            await asyncio.sleep(0.01)
+        await periodic.stop()  # does not raise
+    assert ticks >= 3
+    [record] = caplog.records
+    first, *stack = record.getMessage().splitlines()
+    assert first == f"{tick.__qualname__} failed; it runs again next period (KeyError)"
+    assert any("test_background.py" in line for line in stack)  # where it was raised
+    assert quoted not in caplog.text and record.exc_info is None

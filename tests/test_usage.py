@@ -20,9 +20,10 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from app.cache import record_from_model
 from app.tokens import KeyType, mint_token
-from app.usage import UsageRecorder
-from models import Denial, UsageBucket
+from app.usage import ROLLUP_EVERY_SECONDS, UsageRecorder
+from models import ApiKey, Denial, UsageBucket
 from tests.conftest import make_workspace
 from tests.support import OffsetClock, WorkspaceHandle, verify
 
@@ -511,3 +512,51 @@ async def test_the_service_prunes_old_denials_by_itself(
         await own.stop()
     assert not await Denial.exists(id=old.id)
     assert await Denial.exists(id=fresh.id)
+
+
+async def test_a_bug_in_the_roll_up_neither_stops_the_flushes_nor_loses_counts_at_shutdown(
+    app: Starlette, ws: WorkspaceHandle, clock: OffsetClock
+) -> None:
+    """The roll-up and the prune catch the database's errors; anything else (a bug) is logged
+    and the usage loop goes on: later counts are flushed, and `stop` still writes what is left.
+    Before, the loop ended at the bug and `stop` re-raised it, losing every count held."""
+    key_id, _ = await ws.create_key()
+    key = record_from_model(
+        await ApiKey.get(public_id=key_id).select_related("environment", "workspace", "role")
+    )
+    settings = dataclasses.replace(app.state.settings, flush_interval_seconds=0.05)
+    own = UsageRecorder(settings, clock)
+    rollups = 0
+
+    async def broken(**_: object) -> int:
+        nonlocal rollups
+        rollups += 1
+        raise ValueError("a bug in the roll-up")
+
+    own.rollup = broken  # type: ignore[method-assign]
+    own._last_rollup = -ROLLUP_EVERY_SECONDS  # due at the first tick
+
+    def count(n: int) -> None:
+        for _ in range(n):
+            own.record(
+                now=clock.now(), code="VALID", key=key, ip="198.19.7.9", origin=None, message=""
+            )
+
+    async def flushed() -> bool:
+        for _ in range(100):
+            if own.pending_requests == 0:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    await own.start()
+    try:
+        count(3)
+        assert await flushed() and rollups == 1  # the tick that wrote them then failed
+        count(4)
+        assert await flushed()  # by a later tick: the loop went on
+        count(5)  # left for the shutdown flush (or a last tick)
+    finally:
+        await own.stop()
+    assert rollups == 1 and own.pending_requests == 0
+    assert sum(b.total_requests for b in await UsageBucket.filter(key_id=key_id)) == 12
