@@ -46,6 +46,20 @@ async def flushes_stopped(*recorders: Any) -> AsyncIterator[None]:
             await recorder.start()
 
 
+@asynccontextmanager
+async def refreshes_stopped(app: Starlette) -> AsyncIterator[None]:
+    """While inside, the session app's key-cache refresh does not run by itself. A test that
+    patches `app.cache`'s queries (`moved_slots`, `load_rows`) for a cache of its own is then
+    the only caller: the app's refresh (every 30 s) would otherwise call the patched function
+    when it happened to run meanwhile."""
+    cache: KeyCache = app.state.key_cache
+    await cache.stop()
+    try:
+        yield
+    finally:
+        await cache.start()
+
+
 def cache_of(app: Starlette, **settings: Any) -> KeyCache:
     """A key cache of its own on the app's database (not the one the app serves from), with
     these settings changed (`cache_size=4`, say)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -14,7 +14,14 @@ from tortoise import connections
 
 from app import cache as cache_module
 from app.tokens import hash_secret
-from tests.support import WorkspaceHandle, cache_of
+from tests.support import WorkspaceHandle, cache_of, refreshes_stopped
+
+
+@pytest.fixture(autouse=True)
+async def alone(app: Starlette) -> AsyncIterator[None]:
+    """These tests patch the cache module's queries: the app's own refresh stays out of it."""
+    async with refreshes_stopped(app):
+        yield
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 from starlette.applications import Starlette
@@ -15,7 +15,14 @@ from app.cache import CacheEntry, KeyCache, Unavailable, moved_slots, record_fro
 from app.settings import Settings
 from app.tokens import hash_secret
 from models import ApiKey, KeyStatus
-from tests.support import WorkspaceHandle, cache_of
+from tests.support import WorkspaceHandle, cache_of, refreshes_stopped
+
+
+@pytest.fixture(autouse=True)
+async def alone(app: Starlette) -> AsyncIterator[None]:
+    """These tests patch the cache module's queries: the app's own refresh stays out of it."""
+    async with refreshes_stopped(app):
+        yield
 
 
 async def code(ws: WorkspaceHandle, secret: str) -> str:
