@@ -53,6 +53,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import secrets
 import time
 from collections.abc import Iterable
@@ -593,8 +594,9 @@ class UsageRecorder:
         self._per_ip: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self._loop = Periodic(settings.flush_interval_seconds, self._tick, self._lock)
-        self._last_prune = 0.0
-        self._last_rollup = 0.0
+        # Due at the first tick (time.monotonic() counts from the host's boot).
+        self._last_prune = -math.inf
+        self._last_rollup = -math.inf
         # This process's bucket rows are its own (`usage_buckets.writer`): no other process
         # locks them. On PostgreSQL a key's tally keeps the row ID of its pending bucket of the
         # current hour: the next flush updates by ID.
