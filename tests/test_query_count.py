@@ -4,11 +4,12 @@ statements for 5 keys as for 50."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import pytest
+from starlette.applications import Starlette
 
-from tests.support import WorkspaceHandle
+from tests.support import WorkspaceHandle, flushes_stopped, refreshes_stopped
 
 PAGE = """query($n: Int!) { keys(first: $n, type: SERVER) { totalCount edges { node {
   id name environment { name } role { name } usage { totalRequests } rotationDue } } } }"""
@@ -24,9 +25,10 @@ class _Counter(logging.Handler):
 
 
 @pytest.fixture
-def sql_counter() -> Iterator[_Counter]:
+async def sql_counter(app: Starlette) -> AsyncIterator[_Counter]:
     # Tortoise logs each statement on this logger at DEBUG; the log policy's filter drops the
-    # record before handlers, so count at the filter stage instead.
+    # record before handlers, so count at the filter stage instead. The app's own background
+    # statements (the refresh; the roll-up and prune in the usage loop) are kept out.
     logger = logging.getLogger("tortoise.db_client")
     counter = _Counter()
 
@@ -40,7 +42,11 @@ def sql_counter() -> Iterator[_Counter]:
     logger.setLevel(logging.DEBUG)
     logger.filters.insert(0, probe)
     try:
-        yield counter
+        async with (
+            refreshes_stopped(app),
+            flushes_stopped(app.state.usage, app.state.activity),
+        ):
+            yield counter
     finally:
         logger.removeFilter(probe)
         logger.setLevel(previous)
