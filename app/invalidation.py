@@ -49,16 +49,16 @@ def new_origin() -> str:
 def chunks(hashes: Sequence[str], origin: str) -> list[str]:
     """Comma-joined payloads, each under the NOTIFY limit and opened by the sender's origin."""
     payloads: list[str] = []
-    current: list[str] = [origin]
-    size = len(origin) + 1
+    current: list[str] = []
+    size = len(origin)
     for item in hashes:
-        if len(current) > 1 and size + len(item) + 1 > MAX_PAYLOAD:
-            payloads.append(",".join(current))
-            current, size = [origin], len(origin) + 1
+        if current and size + len(item) + 1 > MAX_PAYLOAD:
+            payloads.append(",".join([origin, *current]))
+            current, size = [], len(origin)
         current.append(item)
         size += len(item) + 1
-    if len(current) > 1:
-        payloads.append(",".join(current))
+    if current:
+        payloads.append(",".join([origin, *current]))
     return payloads
 
 
@@ -91,9 +91,8 @@ class Listener:
         items = payload.split(",")
         if items[0] == self.origin:
             return
-        for secret_hash in items:
-            if not secret_hash.startswith("@"):
-                self.cache.drop(secret_hash)
+        for secret_hash in items:  # another origin's marker is dropped too: a no-op
+            self.cache.drop(secret_hash)
 
     async def _run(self) -> None:
         delay = 0.1

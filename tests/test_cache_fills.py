@@ -104,9 +104,9 @@ async def test_an_invalidation_holds_back_only_the_fills_of_the_keys_it_names(
     app: Starlette, ws: WorkspaceHandle
 ) -> None:
     """A fill in flight when its own key is invalidated is not stored (it may have read the row
-    before the change); another key's invalidation leaves it alone. On PostgreSQL a process hears
-    its own NOTIFYs at any moment, so holding back every fill would make misses of unrelated
-    keys depend on that timing."""
+    before the change); another key's invalidation leaves it alone. On PostgreSQL other
+    processes' NOTIFYs arrive at any moment, so holding back every fill would make misses of
+    unrelated keys depend on that timing."""
     (_, changed), (_, other) = [await ws.create_key() for _ in range(2)]
     unknown = hash_secret(secrets.token_hex(32))
     cache = cache_of(app)
