@@ -15,7 +15,7 @@ transaction:
 A key's lifetime counters (`api_keys` total / successful / failed and `last_used_at`) are not
 written every second: a key bucket is *pending* until the roll-up (every minute, for the hours
 before the current one) adds it to its key's counters and marks it rolled, and a key's totals
-are its counters plus its pending buckets (`pending_usage`, one indexed read for a page of
+are its counters plus its pending buckets (`key_totals`, one indexed statement for a page of
 keys). So a flush writes one row per key in use, not two, and the figures are exact at every
 moment. A late write into an hour already rolled up (a batch kept through a database outage)
 is counted once: on SQLite it adds to the key's counters itself, in the same transaction; on
@@ -61,9 +61,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from tortoise import connections
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.expressions import F, Q
-from tortoise.functions import Max, Sum
 
 from app.background import Periodic
 from app.clock import Clock
@@ -1139,34 +1139,49 @@ class UsageRecorder:
 
 
 @dataclass(frozen=True)
-class PendingUsage:
+class KeyTotals:
+    """A key's lifetime usage: its counters plus its buckets not yet rolled into them."""
+
     total: int = 0
     successful: int = 0
     failed: int = 0
     last_used_at: datetime | None = None
 
 
-async def pending_usage(key_ids: list[str]) -> dict[str, PendingUsage]:
-    """Per key ID: its buckets not yet rolled up into its counters (one query)."""
+# One statement, so one snapshot: a roll-up that commits while it is read moves a bucket from
+# the pending rows into the counters, and this sees it on one side only (two reads, one of the
+# key's row and one of its buckets, could see it on neither).
+_KEY_TOTALS = """
+SELECT k.public_id AS key_id, k.last_used_at AS counted_latest,
+       k.total_requests + COALESCE(SUM(b.total_requests), 0) AS total,
+       k.successful_requests + COALESCE(SUM(b.successful_requests), 0) AS ok,
+       k.failed_requests + COALESCE(SUM(b.failed_requests), 0) AS failed,
+       MAX(b.last_used_at) AS latest
+FROM api_keys k LEFT JOIN usage_buckets b ON b.key_id = k.public_id AND NOT b.rolled
+WHERE k.public_id {match}
+GROUP BY k.id, k.public_id, k.last_used_at, k.total_requests, k.successful_requests,
+         k.failed_requests
+"""
+
+
+async def key_totals(key_ids: list[str]) -> dict[str, KeyTotals]:
+    """Per key ID that names a key: its lifetime usage, read in one statement."""
     if not key_ids:
         return {}
-    rows = (
-        await UsageBucket.filter(rolled=False, key_id__in=key_ids)
-        .group_by("key_id")
-        .annotate(
-            total=Sum("total_requests"),
-            ok=Sum("successful_requests"),
-            failed=Sum("failed_requests"),
-            latest=Max("last_used_at"),
+    connection = connections.get("default")
+    if connection.capabilities.dialect == "postgres":
+        sql = _KEY_TOTALS.format(match="= ANY($1::varchar[])")
+        values: list[Any] = [list(key_ids)]
+    else:
+        sql = _KEY_TOTALS.format(match=f"IN ({','.join('?' * len(key_ids))})")
+        values = list(key_ids)
+    totals: dict[str, KeyTotals] = {}
+    for r in await connection.execute_query_dict(sql, values):
+        moments = [as_utc(m) for m in (r["counted_latest"], r["latest"]) if m is not None]
+        totals[str(r["key_id"])] = KeyTotals(
+            int(r["total"]),
+            int(r["ok"]),
+            int(r["failed"]),
+            max(moments) if moments else None,
         )
-        .values("key_id", "total", "ok", "failed", "latest")
-    )
-    return {
-        r["key_id"]: PendingUsage(
-            int(r["total"] or 0),
-            int(r["ok"] or 0),
-            int(r["failed"] or 0),
-            as_utc(r["latest"]) if r["latest"] is not None else None,
-        )
-        for r in rows
-    }
+    return totals

@@ -10,7 +10,7 @@ from strawberry.types import Info as StrawberryInfo
 
 from app.services import Services
 from app.services.principal import Principal
-from app.usage import PendingUsage, pending_usage
+from app.usage import KeyTotals, key_totals
 from models import Environment, Role
 
 
@@ -28,12 +28,9 @@ async def _load_roles(ids: list[int]) -> list[Role | None]:
     return [rows.get(i) for i in ids]
 
 
-NO_PENDING = PendingUsage()
-
-
-async def _load_pending_usage(key_ids: list[str]) -> list[PendingUsage]:
-    pending = await pending_usage(sorted(set(key_ids)))
-    return [pending.get(k, NO_PENDING) for k in key_ids]
+async def _load_key_totals(key_ids: list[str]) -> list[KeyTotals | None]:
+    totals = await key_totals(sorted(set(key_ids)))
+    return [totals.get(k) for k in key_ids]
 
 
 @dataclass
@@ -46,9 +43,10 @@ class Loaders:
     role: DataLoader[int, Role | None] = field(
         default_factory=lambda: DataLoader(load_fn=_load_roles)
     )
-    # A key's buckets not yet rolled into its lifetime counters (app.usage).
-    pending_usage: DataLoader[str, PendingUsage] = field(
-        default_factory=lambda: DataLoader(load_fn=_load_pending_usage)
+    # A key's lifetime usage: its counters plus its buckets not yet rolled into them, read in
+    # one statement (app.usage); None for a key deleted since it was read.
+    key_totals: DataLoader[str, KeyTotals | None] = field(
+        default_factory=lambda: DataLoader(load_fn=_load_key_totals)
     )
 
 

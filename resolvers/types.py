@@ -96,17 +96,16 @@ class KeyUsage:
 
 
 async def _usage(root: ApiKeyType, info: Info) -> KeyUsage:
-    """The key's stored lifetime counters plus its usage buckets not yet rolled into them."""
-    pending = await info.context.loaders.pending_usage.load(str(root.id))
-    counted = root.counted
-    last_used = counted.last_used_at
-    if pending.last_used_at is not None and (last_used is None or pending.last_used_at > last_used):
-        last_used = pending.last_used_at
+    """The key's stored lifetime counters plus its usage buckets not yet rolled into them, read
+    together (app.usage.key_totals); a key deleted since its row was read shows that row's."""
+    totals = await info.context.loaders.key_totals.load(str(root.id))
+    if totals is None:
+        return root.counted
     return KeyUsage(
-        total_requests=BigInt(int(counted.total_requests) + pending.total),
-        successful_requests=BigInt(int(counted.successful_requests) + pending.successful),
-        failed_requests=BigInt(int(counted.failed_requests) + pending.failed),
-        last_used_at=last_used,
+        total_requests=BigInt(totals.total),
+        successful_requests=BigInt(totals.successful),
+        failed_requests=BigInt(totals.failed),
+        last_used_at=totals.last_used_at,
     )
 
 
@@ -134,7 +133,8 @@ class ApiKeyType:
     usage: KeyUsage = strawberry.field(resolver=_usage)
     environment_pk: strawberry.Private[int]
     role_pk: strawberry.Private[int | None]
-    # The key's lifetime counters as stored; its pending usage buckets are added on read.
+    # The key's lifetime counters as its row was read (usage reads them again, with its pending
+    # buckets, in one statement).
     counted: strawberry.Private[KeyUsage]
 
     @strawberry.field

@@ -19,16 +19,19 @@ from starlette.applications import Starlette
 
 from app import usage as usage_module
 from app.cache import record_from_model
+from app.services import monitoring as monitoring_module
 from app.settings import Settings
 from app.tokens import hash_secret
 from app.usage import MERGED_WRITER, UsageRecorder, hour_of
 from app.verifier import UsageTally
 from models import ApiKey, UsageBucket
+from resolvers import context as context_module
 from tests.conftest import BACKEND
 from tests.support import OffsetClock, WorkspaceHandle, verify
 
 KEY_USAGE = """query($id: ID!) { key(id: $id) { lastUsedAt usage {
     totalRequests successfulRequests failedRequests lastUsedAt } } }"""
+KEY_REPORT = """query($id: ID) { usage(keyId: $id) { totals { totalRequests lastUsedAt } } }"""
 ENV_USAGE = """query($env: ID) { usage(environmentId: $env) {
     totals { totalRequests lastUsedAt } } }"""
 
@@ -128,6 +131,45 @@ async def test_environment_usage_shows_the_latest_use_before_and_after_rollup(
     await usage.rollup(now=hour_of(clock.now()) + timedelta(hours=1))
     after = (await ws.q(ENV_USAGE, {"env": env}))["usage"]["totals"]
     assert after == before
+
+
+async def test_a_rollup_committed_between_a_keys_row_and_its_usage_is_shown_once(
+    app: Starlette, rws: WorkspaceHandle, clock: OffsetClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The roll-up moves a closed hour from a key's pending buckets into its counters. A read
+    that took the counters before that commit and the pending buckets after it saw the hour in
+    neither (the key's row is read with the page, its usage later): both are read in one
+    statement, whenever the roll-up lands."""
+    ws, usage = rws, recorder(app)
+    key_id, secret = await ws.create_key()
+    assert [await verify(ws.client, secret) for _ in range(4)] == ["VALID"] * 4
+    assert await usage.flush()
+    before = (await ws.q(KEY_USAGE, {"id": key_id}))["key"]
+    report_before = (await ws.q(KEY_REPORT, {"id": key_id}))["usage"]["totals"]
+    assert int(before["usage"]["totalRequests"]) == int(report_before["totalRequests"]) == 4
+    assert before["lastUsedAt"] is not None and report_before["lastUsedAt"] is not None
+
+    rolled: list[int] = []
+
+    def rolling_up_first(module: object) -> None:
+        read = module.key_totals  # type: ignore[attr-defined]
+
+        async def key_totals(key_ids: list[str]) -> dict[str, usage_module.KeyTotals]:
+            # Every hour so far closes just after the key's row was read.
+            rolled.append(await usage.rollup(now=hour_of(clock.now()) + timedelta(hours=2)))
+            found: dict[str, usage_module.KeyTotals] = await read(key_ids)
+            return found
+
+        monkeypatch.setattr(module, "key_totals", key_totals)
+
+    rolling_up_first(context_module)
+    rolling_up_first(monitoring_module)
+    after = (await ws.q(KEY_USAGE, {"id": key_id}))["key"]
+    report_after = (await ws.q(KEY_REPORT, {"id": key_id}))["usage"]["totals"]
+    assert rolled[0] >= 1, "the roll-up did not run between the two reads"
+    assert await stored(key_id) == (4, 4, 0)  # the hour is in the key's counters now
+    assert after == before
+    assert report_after == report_before
 
 
 async def test_flushes_racing_rollups_count_every_verification_once(

@@ -29,7 +29,7 @@ from app.services.environments import get_environment
 from app.services.keys import check_page_size, decode_cursor, encode_cursor
 from app.services.principal import Principal
 from app.services.validation import require_public_id
-from app.usage import MANY_IPS, pending_usage
+from app.usage import MANY_IPS, key_totals
 from app.verifier import Code
 from models import ApiKey, Denial, Environment, UsageBucket
 
@@ -135,8 +135,9 @@ async def usage_report(
                 f"key {key_id!r} is not in environment {environment_id!r}", "keyId"
             )
         rows = rows.filter(key_id=key_id)
-        pending = (await pending_usage([key_id])).get(key_id)
-        last_used = _latest(key.last_used_at, pending.last_used_at if pending else None)
+        # Its counters and pending buckets in one statement (a roll-up moves one to the other).
+        totals = (await key_totals([key_id])).get(key_id)
+        last_used = totals.last_used_at if totals else _latest(key.last_used_at)
     else:
         keys = ApiKey.filter(workspace_id=principal.workspace_id)
         if environment is not None:
