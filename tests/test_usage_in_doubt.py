@@ -241,11 +241,14 @@ async def test_the_server_ends_a_flush_left_idle_by_a_lost_connection(
         key_id = await _verifications(ws)
         cutter.arm("held")
         assert not await usage.flush()
-        # Each check waits IN_DOUBT_WAIT_SECONDS (2 s) at most; the transaction ends at 1.5 s.
+        # The check waits for the held row IN_DOUBT_WAIT_SECONDS (2 s) at most, and a check that
+        # gives up fails the flush: this one succeeds, so the server ended the transaction
+        # first (at 1.5 s). Only the lower bound is timed: the rest of the flush's own writes
+        # are not part of the wait.
         loop = asyncio.get_running_loop()
         started = loop.time()
         assert await usage.flush()
-        assert 1.0 < loop.time() - started < usage_module.IN_DOUBT_WAIT_SECONDS
+        assert loop.time() - started > 1.0
         assert cutter._held is not None  # still held: it was the server that ended it
     assert await _counted(ws, key_id) == (7, 5, 2, 2)
 
