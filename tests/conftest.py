@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -74,6 +75,14 @@ def database_url(pg_server: PostgresServer | None) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def clock() -> OffsetClock:
     return OffsetClock()
+
+
+@pytest.fixture(autouse=True)
+def clear_of_the_hour(clock: OffsetClock) -> None:
+    """No test starts within two minutes of the next hour in the app's time (usage buckets are
+    hourly; see OffsetClock.clear_of_the_hour). Live server processes keep real time; no test
+    of theirs counts on one bucket."""
+    clock.clear_of_the_hour(timedelta(minutes=2))
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,16 @@ class OffsetClock:
     def advance(self, **delta: float) -> None:
         self.offset += timedelta(**delta)
 
+    def clear_of_the_hour(self, clearance: timedelta) -> None:
+        """Usage is counted in hourly buckets: a test that finds one bucket per key (or one
+        per day) would find two if the hour turned while it ran. When the next hour is less
+        than `clearance` away, move just past it (forward only, as pushing through a grace
+        period does)."""
+        now = self.now()
+        next_hour = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+        if next_hour - now < clearance:
+            self.offset += next_hour - now + timedelta(seconds=1)
+
 
 @asynccontextmanager
 async def flushes_stopped(*recorders: Any) -> AsyncIterator[None]:

@@ -436,3 +436,21 @@ async def test_a_failed_flush_keeps_the_counts_it_took_by_bucket_id_for_the_next
     for n, (key_id, _) in enumerate(keys, start=1):
         assert await shown(ws, key_id) == (n + 1, n + 1, 0)
         assert sum(b.total_requests for b in await UsageBucket.filter(key_id=key_id)) == n + 1
+
+
+def test_no_test_starts_within_two_minutes_of_the_hour() -> None:
+    """The suite's clock steps past an hour about to turn (conftest `clear_of_the_hour`), so the
+    tests above that find one bucket per key and hour are not split by the hour turning."""
+    clearance = timedelta(minutes=2)
+    for before_the_hour, moved in ((timedelta(seconds=30), True), (timedelta(minutes=30), False)):
+        clock = OffsetClock()
+        now = clock.now()
+        clock.offset = hour_of(now) + timedelta(hours=1) - before_the_hour - now
+        offset = clock.offset
+        clock.clear_of_the_hour(clearance)
+        if moved:
+            after = clock.now()
+            assert after.minute == 0 and 1 <= after.second < 5, after
+            assert clock.offset - offset < before_the_hour + timedelta(seconds=5)
+        else:
+            assert clock.offset == offset
