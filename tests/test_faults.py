@@ -469,15 +469,20 @@ async def test_database_down_serves_cached_keys_until_staleness_then_fails_close
             await asyncio.to_thread(db.start)
             back = time.monotonic()
 
+            probes: list[str] = []  # each probe's verification is counted too
+
             async def recovered() -> bool:
                 answer = await verify(http, cached, ip)
+                probes.append(answer.code)
                 health = await http.get("/governance/health")
                 return answer.code == "VALID" and health.status_code == 200
 
             ok, recovery = await eventually(recovered, True, timeout=RECOVERY_BOUND_SECONDS)
             assert ok, f"not recovered {time.monotonic() - back:.1f}s after the database returned"
+            assert set(probes) <= {"VALID", "UNAVAILABLE"}, probes
+            unavailable_answers += probes.count("UNAVAILABLE")  # refused: no count on the key
 
-            expected_ok = len(before) + len(valid_down) + 1  # +1: the probe that saw recovery
+            expected_ok = len(before) + len(valid_down) + probes.count("VALID")
             expected = (expected_ok + refused_for_permission, expected_ok, refused_for_permission)
             counted, _ = await eventually(
                 lambda: usage_of(http, db.token, cached_id), expected, timeout=5
