@@ -50,6 +50,21 @@ DATABASE_ERRORS: tuple[type[Exception], ...] = (
     sqlite3.Error,
 )
 
+# Of those, the ones that say "cannot reach it now" rather than "this statement failed" (which
+# may be a bug): refused or lost connections (OSError covers Tortoise's DBConnectionError), a
+# server starting up, shutting down or cancelling the query, and SQLite's file that cannot be
+# opened (raised raw; SQL-level SQLite errors come translated). GraphQL answers these with
+# `UNAVAILABLE`, not as an unexpected error.
+UNAVAILABLE_MESSAGE = "Database unavailable; try again later"
+UNREACHABLE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,  # CannotConnectNowError, AdminShutdownError, ...
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    sqlite3.Error,
+)
+
 
 @contextlib.asynccontextmanager
 async def transaction() -> AsyncIterator[BaseDBAsyncClient]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import strawberry
+from graphql import BREAK, DocumentNode, SelectionSetNode, Visitor, visit
 from graphql.error import GraphQLError
 from graphql.validation import NoSchemaIntrospectionCustomRule
 from strawberry.extensions import (
@@ -20,8 +21,10 @@ from strawberry.extensions import (
     ValidationCache,
 )
 from strawberry.schema.config import StrawberryConfig
+from strawberry.types import ExecutionResult
 
 from app import errors
+from app.db import UNAVAILABLE_MESSAGE, UNREACHABLE_ERRORS
 from resolvers.anomalies import AnomalyMutations, AnomalyQueries
 from resolvers.audit import AuditQueries
 from resolvers.context import Unauthenticated
@@ -66,21 +69,14 @@ class Mutation(
     pass
 
 
-def _typed(error: GraphQLError) -> GraphQLError | None:
-    """A client-facing error with its `extensions.code`, or None when it must be masked."""
-    original = error.original_error
-    if original is None:
-        return error  # a GraphQL syntax/validation error: about the query, safe to show
-    if isinstance(original, errors.Forbidden):
-        code = "FORBIDDEN"
-    elif isinstance(original, Unauthenticated):
-        code = "UNAUTHENTICATED"
-    elif isinstance(original, errors.DomainError):
-        code = original.code
-    else:
-        return None
+MASKED_MESSAGE = "Internal server error"
+
+
+def _shown(error: GraphQLError, message: str, code: str) -> GraphQLError:
+    """The error as the client sees it: this message and code, where it happened, and no
+    original error (nothing of it reaches the response)."""
     return GraphQLError(
-        message=str(original),
+        message=message,
         nodes=error.nodes,
         source=error.source,
         positions=error.positions,
@@ -89,34 +85,92 @@ def _typed(error: GraphQLError) -> GraphQLError | None:
     )
 
 
+def _typed(error: GraphQLError) -> GraphQLError | None:
+    """A client-facing error with its `extensions.code`, or None when it must be masked."""
+    original = error.original_error
+    if original is None:
+        return error  # a GraphQL syntax/validation error: about the query, safe to show
+    if isinstance(original, errors.Forbidden):
+        return _shown(error, str(original), "FORBIDDEN")
+    if isinstance(original, Unauthenticated):
+        return _shown(error, str(original), "UNAUTHENTICATED")
+    if isinstance(original, errors.DomainError):
+        return _shown(error, str(original), original.code)
+    if isinstance(original, UNREACHABLE_ERRORS):
+        # Not a bug: the database cannot be reached now. Its own message may quote a host or
+        # a statement, so the client gets a fixed one (the log has the error's type).
+        logger.warning("database unreachable in %s: %s", error.path, type(original).__name__)
+        return _shown(error, UNAVAILABLE_MESSAGE, "UNAVAILABLE")
+    return None
+
+
+def _apply_policy(errors: list[GraphQLError]) -> list[GraphQLError]:
+    """Typed errors with their `extensions.code`; anything else logged and masked."""
+    processed = []
+    for error in errors:
+        typed = _typed(error)
+        if typed is None:
+            logger.error("unexpected error in %s", error.path, exc_info=error.original_error)
+            typed = _shown(error, MASKED_MESSAGE, "INTERNAL_SERVER_ERROR")
+        processed.append(typed)
+    return processed
+
+
 class ErrorPolicy(MaskErrors):
     """Typed errors reach the client with `extensions.code`; anything else (a bug, a database
     failure) is logged here and masked, so no stack trace or SQL ever leaves the server."""
 
     def __init__(self) -> None:
-        super().__init__(error_message="Internal server error")
+        super().__init__(error_message=MASKED_MESSAGE)
 
     def _process_errors(self, errors: list[GraphQLError]) -> list[GraphQLError]:
-        processed = []
-        for error in errors:
-            typed = _typed(error)
-            if typed is None:
-                logger.error("unexpected error in %s", error.path, exc_info=error.original_error)
-                masked = self.anonymise_error(error)
-                masked.extensions = {"code": "INTERNAL_SERVER_ERROR"}
-                processed.append(masked)
-            else:
-                processed.append(typed)
-        return processed
+        return _apply_policy(errors)
+
+
+def _empty_selection(document: DocumentNode) -> SelectionSetNode | None:
+    """The first selection set that selects nothing, if any."""
+    found: list[SelectionSetNode] = []
+
+    class Finder(Visitor):
+        def enter_selection_set(self, node: SelectionSetNode, *_: Any) -> Any:
+            if not node.selections:
+                found.append(node)
+                return BREAK
+            return None
+
+    visit(document, Finder())
+    return found[0] if found else None
+
+
+class NonEmptySelections(SchemaExtension):
+    """`{ }` selects nothing, which GraphQL's grammar does not allow, yet graphql-core 3.3 parses
+    it, and Strawberry's depth limiter then fails on it (a ValueError, not a GraphQL error). So
+    it is refused right after parsing, as the syntax error it is."""
+
+    def on_parse(self) -> Iterator[None]:
+        yield
+        document = self.execution_context.graphql_document
+        if document is not None and (empty := _empty_selection(document)) is not None:
+            raise GraphQLError(
+                "Syntax Error: a selection set must select at least one field.", nodes=[empty]
+            )
 
 
 class KeyplaneSchema(strawberry.Schema):
     """Logs only what ErrorPolicy masked (unexpected errors); typed refusals and invalid
     queries are the client's business, and a traceback per bad request would let any caller
-    flood the logs."""
+    flood the logs. An error raised before the operation runs (in parsing or validation: a bug
+    in a limiter, say) never reaches ErrorPolicy, which sees the operation's result only, so
+    `execute` applies the same policy to every result."""
 
     def process_errors(self, errors: list[GraphQLError], execution_context: Any = None) -> None:
         return None
+
+    async def execute(self, *args: Any, **kwargs: Any) -> ExecutionResult:
+        result = await super().execute(*args, **kwargs)
+        if result.errors:
+            result.errors = _apply_policy(result.errors)
+        return result
 
 
 def build_schema(*, introspection: bool = True) -> strawberry.Schema:
@@ -124,6 +178,7 @@ def build_schema(*, introspection: bool = True) -> strawberry.Schema:
     # Factories, not instances: Strawberry builds fresh extensions per request (the parser and
     # validation caches themselves are module-level and shared).
     extensions: list[Callable[[], SchemaExtension]] = [
+        NonEmptySelections,
         lambda: ParserCache(maxsize=256),
         lambda: ValidationCache(maxsize=256),
         lambda: QueryDepthLimiter(max_depth=MAX_DEPTH),

@@ -3,6 +3,8 @@ batching, error masking, and the switches for introspection and GraphiQL."""
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 import pytest
 import strawberry
@@ -10,7 +12,7 @@ from starlette.applications import Starlette
 
 from app.main import create_app
 from app.settings import Settings
-from resolvers.cost import MAX_QUERY_COST
+from resolvers.cost import MAX_QUERY_COST, QueryCostRule
 from resolvers.schema import ErrorPolicy
 from tests.support import WorkspaceHandle
 
@@ -100,6 +102,41 @@ async def test_unexpected_errors_are_masked() -> None:
     assert error.message == "Internal server error"
     assert error.extensions == {"code": "INTERNAL_SERVER_ERROR"}
     assert "SELECT" not in str(error.formatted)
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["{ }", "query { }", "{ workspace { } }", "{ ...F } fragment F on Query { }", "{ ... { } }"],
+)
+async def test_an_empty_selection_set_is_a_syntax_error(ws: WorkspaceHandle, query: str) -> None:
+    """graphql-core 3.3 parses a selection set that selects nothing, and Strawberry's depth
+    limiter then failed on it with a raw ValueError ("max() arg is an empty sequence")."""
+    [error] = await _errors(ws, query)
+    assert error["message"] == "Syntax Error: a selection set must select at least one field."
+    assert error["locations"]  # where it is
+    assert "max()" not in str(error)
+
+
+async def test_an_unexpected_error_before_execution_is_masked_and_logged(
+    ws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ErrorPolicy sees the operation's result only; an error raised while the document is
+    validated (here, a bug in the cost rule) came back to the client with its own message."""
+
+    def broken(self: object, context: object) -> None:
+        raise RuntimeError("SELECT secret FROM api_keys -- internal detail")
+
+    monkeypatch.setattr(QueryCostRule, "__init__", broken)
+    # A comment of its own: the validation cache holds results by query text.
+    query = "# masked-validation-error\n{ workspace { id } }"
+    with caplog.at_level(logging.ERROR, logger="keyplane.graphql"):
+        [error] = await _errors(ws, query)
+    assert error["message"] == "Internal server error"
+    assert error["extensions"] == {"code": "INTERNAL_SERVER_ERROR"}
+    assert "SELECT" not in str(error)
+    logged = [r for r in caplog.records if r.name == "keyplane.graphql"]
+    assert logged and logged[0].exc_info is not None  # the stack is in the server's log
+    assert logged[0].exc_info[0] is RuntimeError
 
 
 async def test_introspection_can_be_switched_off(

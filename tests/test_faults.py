@@ -400,6 +400,10 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+LOGIN = """mutation { login(email: "nobody@example.com", password: "not it") {
+    __typename ... on Error { code } } }"""
+
+
 # -- the tests ---------------------------------------------------------------------------------
 STALENESS = 3.0
 
@@ -740,6 +744,27 @@ async def test_database_refusing_connections_fails_closed_with_503_not_500(
             answer = await verify(http, mint_token("kp", KeyType.SERVER), ip)
             assert (answer.status, answer.code) == (503, "UNAVAILABLE")
             assert (await http.get("/governance/health")).status_code == 503
+            # The management API too: a typed 503 where a bearer cannot be checked (it was a
+            # plain-text 500), and UNAVAILABLE, not a masked error, for an operation without one.
+            management = await http.post(
+                "/graphql",
+                json={"query": "{ workspace { id } }"},
+                headers={"Authorization": f"Bearer {db.token}"},
+            )
+            assert management.status_code == 503
+            assert management.json() == {
+                "errors": [
+                    {
+                        "message": "Database unavailable; try again later",
+                        "extensions": {"code": "UNAVAILABLE"},
+                    }
+                ]
+            }
+            login = await http.post(
+                "/graphql",
+                json={"query": LOGIN},
+            )
+            assert [e["extensions"]["code"] for e in login.json()["errors"]] == ["UNAVAILABLE"]
             answers = []
             while time.monotonic() < filled + 2.5:
                 answers.append(await verify(http, cached, ip))

@@ -9,6 +9,7 @@ bearer.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from graphql import GraphQLError, OperationDefinitionNode, parse
@@ -17,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 from strawberry.asgi import GraphQL
 
+from app.db import DATABASE_ERRORS, UNAVAILABLE_MESSAGE
 from app.http.graphiql import graphiql_page
 from app.net import resolve_client_ip
 from app.services import Services
@@ -26,6 +28,8 @@ from resolvers.context import Context
 PUBLIC_FIELDS = frozenset({"login", "acceptInvite"})
 INTROSPECTION_FIELDS = frozenset({"__schema", "__type", "__typename"})
 CONTEXT_KEY = "keyplane_context"
+
+logger = logging.getLogger("keyplane.graphql")
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -133,7 +137,14 @@ class GraphQLEndpoint:
             if bearer is None:
                 await _error(401, "UNAUTHENTICATED", "Missing bearer token")(scope, receive, send)
                 return
-            principal = await authenticate(bearer, self.services.clock.now())
+            try:
+                principal = await authenticate(bearer, self.services.clock.now())
+            except DATABASE_ERRORS as exc:
+                # Not the caller's fault, and no stack trace of a plain 500: a typed 503, as
+                # /v1/verify answers when it cannot decide.
+                logger.warning("authentication: database unreachable (%s)", type(exc).__name__)
+                await _error(503, "UNAVAILABLE", UNAVAILABLE_MESSAGE)(scope, receive, send)
+                return
             if principal is None:
                 self.limiter.record_failure(ip_text)
                 await _error(401, "UNAUTHENTICATED", "Invalid or expired bearer token")(
