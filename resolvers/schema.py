@@ -25,6 +25,7 @@ from strawberry.types import ExecutionResult
 
 from app import errors
 from app.db import UNAVAILABLE_MESSAGE, UNREACHABLE_ERRORS
+from app.log_policy import unforeseen
 from resolvers.anomalies import AnomalyMutations, AnomalyQueries
 from resolvers.audit import AuditQueries
 from resolvers.context import Unauthenticated
@@ -105,12 +106,14 @@ def _typed(error: GraphQLError) -> GraphQLError | None:
 
 
 def _apply_policy(errors: list[GraphQLError]) -> list[GraphQLError]:
-    """Typed errors with their `extensions.code`; anything else logged and masked."""
+    """Typed errors with their `extensions.code`; anything else logged (its type and stack, not
+    its message, which may quote a value such as a token hash) and masked."""
     processed = []
     for error in errors:
         typed = _typed(error)
         if typed is None:
-            logger.error("unexpected error in %s", error.path, exc_info=error.original_error)
+            if error.original_error is not None:  # (always: _typed passes the others)
+                unforeseen(logger, f"unexpected error in {error.path}", error.original_error)
             typed = _shown(error, MASKED_MESSAGE, "INTERNAL_SERVER_ERROR")
         processed.append(typed)
     return processed

@@ -123,8 +123,10 @@ async def test_an_unexpected_error_before_execution_is_masked_and_logged(
     """ErrorPolicy sees the operation's result only; an error raised while the document is
     validated (here, a bug in the cost rule) came back to the client with its own message."""
 
+    detail = " ".join(["SELECT", "secret", "FROM", "api_keys"])  # in no source line
+
     def broken(self: object, context: object) -> None:
-        raise RuntimeError("SELECT secret FROM api_keys -- internal detail")
+        raise RuntimeError(detail)
 
     monkeypatch.setattr(QueryCostRule, "__init__", broken)
     # A comment of its own: the validation cache holds results by query text.
@@ -133,10 +135,11 @@ async def test_an_unexpected_error_before_execution_is_masked_and_logged(
         [error] = await _errors(ws, query)
     assert error["message"] == "Internal server error"
     assert error["extensions"] == {"code": "INTERNAL_SERVER_ERROR"}
-    assert "SELECT" not in str(error)
-    logged = [r for r in caplog.records if r.name == "keyplane.graphql"]
-    assert logged and logged[0].exc_info is not None  # the stack is in the server's log
-    assert logged[0].exc_info[0] is RuntimeError
+    assert detail not in str(error)
+    # The server's log has the error's type and stack, not its message (it may quote a value).
+    [logged] = [r.getMessage() for r in caplog.records if r.name == "keyplane.graphql"]
+    assert "RuntimeError" in logged and "in broken" in logged
+    assert detail not in caplog.text
 
 
 async def test_introspection_can_be_switched_off(
