@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 from tortoise import connections
 
 from app.background import Periodic
-from app.db import DATABASE_ERRORS, as_utc
+from app.db import DATABASE_ERRORS, any_of, as_utc
 from app.net import compile_allowlist
 from app.settings import Settings
 from app.verifier import KeyRecord
@@ -324,13 +324,9 @@ async def load_rows(secret_hashes: Sequence[str]) -> dict[str, dict[str, Any]]:
     if not secret_hashes:
         return {}
     connection = connections.get("default")
-    if connection.capabilities.dialect == "postgres":
-        sql = _PG_SELECT + "k.secret_hash = ANY($1::varchar[])"
-        values: list[Any] = [list(secret_hashes)]
-    else:
-        sql = _SELECT + f"k.secret_hash IN ({','.join('?' * len(secret_hashes))})"
-        values = list(secret_hashes)
-    rows = await connection.execute_query_dict(sql, values)
+    match, values = any_of(connection, secret_hashes)
+    select = _PG_SELECT if connection.capabilities.dialect == "postgres" else _SELECT
+    rows = await connection.execute_query_dict(select + "k.secret_hash " + match, values)
     return {row["secret_hash"]: row for row in rows}
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,20 @@ def as_utc(value: datetime | str) -> datetime:
     return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def latest(*moments: datetime | str | None) -> datetime | None:
+    """The latest of these timestamps as read back (see `as_utc`), None when there is none."""
+    known = [as_utc(m) for m in moments if m is not None]
+    return max(known) if known else None
+
+
+def any_of(connection: BaseDBAsyncClient, values: Sequence[str]) -> tuple[str, list[Any]]:
+    """`column <this>` matching any of these texts, and its parameters: one array parameter on
+    PostgreSQL, one placeholder per value on SQLite."""
+    if connection.capabilities.dialect == "postgres":
+        return "= ANY($1::varchar[])", [list(values)]
+    return f"IN ({','.join('?' * len(values))})", list(values)
+
+
 DATABASE_ERRORS: tuple[type[Exception], ...] = (
     BaseORMException,
     OSError,  # includes ConnectionError (refused, reset) and TimeoutError
@@ -50,12 +64,14 @@ DATABASE_ERRORS: tuple[type[Exception], ...] = (
     sqlite3.Error,
 )
 
+# What a client is told then (the driver's own message may quote a host or a statement).
+UNAVAILABLE_MESSAGE = "Database unavailable; try again later"
+
 # Of those, the ones that say "cannot reach it now" rather than "this statement failed" (which
 # may be a bug): refused or lost connections (OSError covers Tortoise's DBConnectionError), a
 # server starting up, shutting down or cancelling the query, and SQLite's file that cannot be
 # opened (raised raw; SQL-level SQLite errors come translated). GraphQL answers these with
 # `UNAVAILABLE`, not as an unexpected error.
-UNAVAILABLE_MESSAGE = "Database unavailable; try again later"
 UNREACHABLE_ERRORS: tuple[type[Exception], ...] = (
     OSError,
     asyncpg.PostgresConnectionError,

@@ -67,7 +67,7 @@ from tortoise.expressions import F, Q
 
 from app.background import Periodic
 from app.clock import Clock
-from app.db import DATABASE_ERRORS, as_utc, transaction
+from app.db import DATABASE_ERRORS, any_of, latest, transaction
 from app.log_policy import unforeseen
 from app.settings import Settings
 from app.verifier import KeyRecord
@@ -1169,19 +1169,13 @@ async def key_totals(key_ids: list[str]) -> dict[str, KeyTotals]:
     if not key_ids:
         return {}
     connection = connections.get("default")
-    if connection.capabilities.dialect == "postgres":
-        sql = _KEY_TOTALS.format(match="= ANY($1::varchar[])")
-        values: list[Any] = [list(key_ids)]
-    else:
-        sql = _KEY_TOTALS.format(match=f"IN ({','.join('?' * len(key_ids))})")
-        values = list(key_ids)
-    totals: dict[str, KeyTotals] = {}
-    for r in await connection.execute_query_dict(sql, values):
-        moments = [as_utc(m) for m in (r["counted_latest"], r["latest"]) if m is not None]
-        totals[str(r["key_id"])] = KeyTotals(
+    match, values = any_of(connection, key_ids)
+    return {
+        str(r["key_id"]): KeyTotals(
             int(r["total"]),
             int(r["ok"]),
             int(r["failed"]),
-            max(moments) if moments else None,
+            latest(r["counted_latest"], r["latest"]),
         )
-    return totals
+        for r in await connection.execute_query_dict(_KEY_TOTALS.format(match=match), values)
+    }

@@ -12,7 +12,6 @@ from graphql.error import GraphQLError
 from graphql.validation import NoSchemaIntrospectionCustomRule
 from strawberry.extensions import (
     AddValidationRules,
-    MaskErrors,
     MaxAliasesLimiter,
     MaxTokensLimiter,
     ParserCache,
@@ -119,17 +118,6 @@ def _apply_policy(errors: list[GraphQLError]) -> list[GraphQLError]:
     return processed
 
 
-class ErrorPolicy(MaskErrors):
-    """Typed errors reach the client with `extensions.code`; anything else (a bug, a database
-    failure) is logged here and masked, so no stack trace or SQL ever leaves the server."""
-
-    def __init__(self) -> None:
-        super().__init__(error_message=MASKED_MESSAGE)
-
-    def _process_errors(self, errors: list[GraphQLError]) -> list[GraphQLError]:
-        return _apply_policy(errors)
-
-
 def _empty_selection(document: DocumentNode) -> SelectionSetNode | None:
     """The first selection set that selects nothing, if any."""
     found: list[SelectionSetNode] = []
@@ -160,11 +148,13 @@ class NonEmptySelections(SchemaExtension):
 
 
 class KeyplaneSchema(strawberry.Schema):
-    """Logs only what ErrorPolicy masked (unexpected errors); typed refusals and invalid
-    queries are the client's business, and a traceback per bad request would let any caller
-    flood the logs. An error raised before the operation runs (in parsing or validation: a bug
-    in a limiter, say) never reaches ErrorPolicy, which sees the operation's result only, so
-    `execute` applies the same policy to every result."""
+    """The error policy, applied to every result in `execute`: typed errors reach the client
+    with `extensions.code`; anything else (a bug) is logged and masked, so no stack trace or SQL
+    ever leaves the server. Applied there, not in an extension's `on_operation` (Strawberry's
+    MaskErrors), because an error raised before the operation runs (in parsing or validation: a
+    bug in a limiter, say) never reaches that hook. Only masked errors are logged: typed
+    refusals and invalid queries are the client's business, and a traceback per bad request
+    would let any caller flood the logs."""
 
     def process_errors(self, errors: list[GraphQLError], execution_context: Any = None) -> None:
         return None
@@ -188,7 +178,6 @@ def build_schema(*, introspection: bool = True) -> strawberry.Schema:
         lambda: MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
         lambda: AddValidationRules([QueryCostRule]),
-        ErrorPolicy,
     ]
     if not introspection:
         extensions.append(lambda: AddValidationRules([NoSchemaIntrospectionCustomRule]))

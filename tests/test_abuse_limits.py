@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from app.main import create_app
 from app.settings import Settings
 from resolvers.cost import MAX_QUERY_COST, QueryCostRule
-from resolvers.schema import ErrorPolicy
+from resolvers.schema import KeyplaneSchema
 from tests.support import WorkspaceHandle
 
 KEY_FIELDS = "id name prefix status permissions allowedIps createdAt lastUsedAt expiresAt"
@@ -95,7 +95,7 @@ async def test_unexpected_errors_are_masked() -> None:
         def broken(self) -> str:
             raise RuntimeError("SELECT secret FROM api_keys -- internal detail")
 
-    schema = strawberry.Schema(query=Query, extensions=[ErrorPolicy])
+    schema = KeyplaneSchema(query=Query)
     result = await schema.execute("{ broken }")
     assert result.errors is not None
     error = result.errors[0]
@@ -120,8 +120,9 @@ async def test_an_empty_selection_set_is_a_syntax_error(ws: WorkspaceHandle, que
 async def test_an_unexpected_error_before_execution_is_masked_and_logged(
     ws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """ErrorPolicy sees the operation's result only; an error raised while the document is
-    validated (here, a bug in the cost rule) came back to the client with its own message."""
+    """An error raised while the document is validated (here, a bug in the cost rule) never
+    reached the masking extension, which saw the operation's result only: it came back to the
+    client with its own message."""
 
     detail = " ".join(["SELECT", "secret", "FROM", "api_keys"])  # in no source line
 

@@ -20,7 +20,7 @@ from enum import Enum
 from tortoise.expressions import Q
 from tortoise.functions import Max, Sum
 
-from app.db import as_utc
+from app.db import as_utc, latest
 from app.errors import NotFound, ValidationFailed
 from app.net import parse_address
 from app.permissions import KEY_VIEW
@@ -101,12 +101,6 @@ def _range(
     return first, last + step
 
 
-def _latest(*moments: datetime | str | None) -> datetime | None:
-    """The latest of these (aggregates come back as text on SQLite), UTC-aware."""
-    known = [as_utc(m) for m in moments if m is not None]
-    return max(known) if known else None
-
-
 async def usage_report(
     services: Services,
     principal: Principal,
@@ -137,7 +131,7 @@ async def usage_report(
         rows = rows.filter(key_id=key_id)
         # Its counters and pending buckets in one statement (a roll-up moves one to the other).
         totals = (await key_totals([key_id])).get(key_id)
-        last_used = totals.last_used_at if totals else _latest(key.last_used_at)
+        last_used = totals.last_used_at if totals else latest(key.last_used_at)
     else:
         keys = ApiKey.filter(workspace_id=principal.workspace_id)
         if environment is not None:
@@ -161,7 +155,7 @@ async def usage_report(
             .first()
             .values("latest")
         )
-        last_used = _latest(
+        last_used = latest(
             stored["latest"] if stored else None, recent["latest"] if recent else None
         )
     series: dict[datetime, Bucket] = {}
