@@ -54,6 +54,7 @@ import math
 import secrets
 import time
 from array import array
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -79,22 +80,21 @@ MANY_IPS = "(many)"
 ONE_HOUR = timedelta(hours=1)
 ONE_MICROSECOND = timedelta(microseconds=1)
 _NEVER = datetime.min.replace(tzinfo=UTC)
-_UNALIGNED = object()  # the time zone of moments whose offset into the hour is not read off
 PRUNE_EVERY_SECONDS = 600.0
 MESSAGE_LIMIT = 200
 ORIGIN_LIMIT = 300
 # An hour's verifications held as they came (`_Events`) before they are folded to one entry per
-# key and outcome: 16 MB. Only a flush that cannot write for a long while lets them get there.
+# key and outcome: about 60 MB. Only a flush that cannot write for a long while gets there.
 MAX_EVENTS = 1_000_000
 
 
-# A PostgreSQL flush sends FLUSH_STATEMENT_EVENTS verifications to a statement (encoding them takes
-# the event loop about 1 ms) and, before each statement after its first, pauses
-# FLUSH_PAUSE_FACTOR times as long as the one before took, at most half the flush interval in
-# all: PostgreSQL's part of a flush is spread over about four times its length instead of one
-# burst that takes a whole core (about 100 ms for 15,000 keys). On the two-core bench machine
-# such a burst also took CPU from the server under load.
-FLUSH_STATEMENT_EVENTS = 5000
+# A PostgreSQL flush sends FLUSH_STATEMENT_ROWS rows (one per key and outcome) to a statement
+# and, before each statement after its first, pauses FLUSH_PAUSE_FACTOR times as long as the one
+# before took, at most half the flush interval in all: PostgreSQL's part of a flush is spread
+# over about four times its length instead of one burst that takes a whole core (about 100 ms
+# for 15,000 keys). On the two-core bench machine such a burst also took CPU from the server
+# under load.
+FLUSH_STATEMENT_ROWS = 2000
 FLUSH_PAUSE_FACTOR = 3.0
 ROLLUP_CHUNK = 5000  # closed buckets added to their keys' counters per roll-up statement
 ROLLUP_EVERY_SECONDS = 60.0
@@ -161,19 +161,19 @@ def _add_environments_sql(rows: str, writer: str) -> str:
 # merges them into a MERGED_WRITER row and deletes them, so a late write for a closed hour lands
 # in a new pending row of its own, for the next roll-up.
 #
-# A flush sends an hour's verifications as they were counted (`_Events`): each one's key row ID,
-# negative for a failed one, and microseconds into the hour; a weight each once folded ($3,
-# empty: one each). PostgreSQL sums them per key and takes the key's public and parent IDs from
-# its row, so the event loop encodes two integers per verification (about 0.15 us) and no row
-# per key. It returns the row IDs it found no key for (deleted since): the flush writes those
-# from the records it counted (`_PG_WRITE_ROWS`), so a deleted key's last uses still count.
+# A flush sends an hour's verifications summed per key and outcome (`_Events`): the key's row ID,
+# negative for failed ones, how many, and (successful ones) the last use in microseconds into
+# the hour. PostgreSQL adds a key's two outcomes up and takes the key's public and parent IDs
+# from its row, so the event loop encodes three integers per key and outcome, no more. It
+# returns the row IDs it found no key for (deleted since): the flush writes those from the
+# records it counted (`_PG_WRITE_ROWS`), so a deleted key's last uses still count.
 _PG_WRITE_EVENTS = f"""WITH e AS (
-    SELECT abs(k) AS id, k < 0 AS failed, o, COALESCE(w, 1) AS w
+    SELECT abs(k) AS id, k < 0 AS failed, n, o
     FROM unnest(string_to_array($1, ',')::bigint[], string_to_array($2, ',')::bigint[],
-                string_to_array(NULLIF($3, ''), ',')::bigint[]) AS e(k, o, w)
+                string_to_array($3, ',', '')::bigint[]) AS e(k, n, o)
 ), s AS (
-    SELECT id, sum(w)::bigint AS total, COALESCE(sum(w) FILTER (WHERE failed), 0)::bigint AS failed,
-           max(o) FILTER (WHERE NOT failed) AS last_off
+    SELECT id, sum(n)::bigint AS total, COALESCE(sum(n) FILTER (WHERE failed), 0)::bigint AS failed,
+           max(o) AS last_off
     FROM e GROUP BY id
 ), j AS (
     SELECT s.id, k.workspace_id AS ws, k.environment_id AS env, k.public_id AS key_id, h.hour,
@@ -355,115 +355,125 @@ def _add_environments(
         seen.add(counts)
 
 
-def _offsets(moments: Iterable[datetime | None], hour: datetime) -> str:
-    """Microseconds from `hour` to each moment (a last use in that hour), comma-separated; an
-    empty field for None. A subtraction: a third of the cost of an epoch timestamp."""
-    return ",".join(
-        [
-            ""
-            if m is None
-            else str(((d := m - hour).days * 86_400 + d.seconds) * 1_000_000 + d.microseconds)
-            for m in moments
-        ]
-    )
+def _offsets(moments: list[datetime | None], hour: datetime) -> str:
+    """Microseconds from `hour` to each moment (in that UTC hour), comma-separated; an empty
+    field for None. In UTC they are read off the moments' fields: a third of the time of
+    subtracting, and this runs once per key and hour of a flush."""
+    if {m.tzinfo for m in moments if m is not None} <= {UTC}:
+        return ",".join(
+            [
+                ""
+                if m is None
+                else str(m.minute * 60_000_000 + m.second * 1_000_000 + m.microsecond)
+                for m in moments
+            ]
+        )
+    return ",".join(["" if m is None else str((m - hour) // ONE_MICROSECOND) for m in moments])
 
 
 class _Events:
-    """One hour's verifications of known keys, one entry each as they came: the key's row ID
-    (negated for a failed verification) and the microseconds from the hour's start, in two flat
-    arrays. Counting one is two appends and a dict store: no per-key object is read or made on
-    the request path, and a PostgreSQL flush sends the arrays as they are (`_PG_WRITE_EVENTS`).
-    With 100,000 keys in use, each verified every 14 s or so, the per-key tallies this replaced
-    cost the flush one Python row per verification (3.7 us), and the request a write to an
-    object of that key's that no recent request had touched.
+    """One hour's verifications of known keys, in the order they were counted: the key's row ID
+    (negated for a failed verification) in a flat array, and the moment in a list. Counting one
+    is two appends and a dict store: no per-key object is read or made on the request path. A
+    flush sums them per key in C (`totals`: `Counter`, and a dict built from the pairs, where a
+    key's later entries replace its earlier ones) and turns one row per key and outcome into
+    text. With 100,000 keys in use, each verified every 14 s or so, the per-key tallies this
+    replaced cost the request a write to an object of that key's that no recent request had
+    touched, and the flush 3.7 us of Python per verification (7,000 verifications over 7,000
+    keys: 24-30 ms of the event loop per flush; now 5-7 ms).
 
-    Past MAX_EVENTS entries (a flush that cannot write for a long while) they are folded into
-    the `folded_*` arrays: one entry per key and outcome, with a weight (how many verifications
-    it stands for) and the latest offset."""
+    The last use written is the moment of a key's last verification counted, which is the
+    latest one, but for a request that waited on a database lookup while a later one of the same
+    key was counted (a few milliseconds earlier, at most). Past MAX_EVENTS entries (a flush that
+    cannot write for a long while) the entries are folded into `folded`: per key and outcome,
+    how many and the last moment."""
 
-    __slots__ = ("folded_keys", "folded_offsets", "folded_weights", "keys", "offsets", "records")
+    __slots__ = ("folded", "keys", "moments", "records")
 
     def __init__(self) -> None:
         self.keys = array("q")
-        self.offsets = array("q")
-        self.folded_keys = array("q")
-        self.folded_offsets = array("q")
-        self.folded_weights = array("q")
+        self.moments: list[datetime] = []
+        # Signed row ID -> (verifications, last moment) of entries folded, all before `keys`'.
+        self.folded: dict[int, tuple[int, datetime]] = {}
         # Row ID -> the record counted under it: its public and parent IDs, for the rows written
         # from Python (SQLite; on PostgreSQL the keys deleted since).
         self.records: dict[int, KeyRecord] = {}
 
     def requests(self) -> int:
-        return len(self.keys) + sum(self.folded_weights)
+        return len(self.keys) + sum(n for n, _ in self.folded.values())
 
-    def entries(self) -> tuple[array[int], array[int], array[int] | None]:
-        """Keys, offsets and weights (None: one verification each) of every entry."""
-        if not self.folded_keys:
-            return self.keys, self.offsets, None
-        return (
-            self.folded_keys + self.keys,
-            self.folded_offsets + self.offsets,
-            self.folded_weights + array("q", [1]) * len(self.keys),
-        )
+    def totals(self) -> tuple[Counter[int], dict[int, datetime]]:
+        """Per signed row ID: how many verifications, and the moment of the last one counted."""
+        counts = Counter(self.keys)
+        last = dict(zip(self.keys, self.moments, strict=True))
+        for pk, (n, moment) in self.folded.items():
+            counts[pk] += n
+            last.setdefault(pk, moment)  # an entry counted since is later
+        return counts, last
 
-    def extend(self, other: _Events) -> None:
-        """Add `other`'s entries (a failed flush's, put back)."""
-        self.keys.extend(other.keys)
-        self.offsets.extend(other.offsets)
-        self.folded_keys.extend(other.folded_keys)
-        self.folded_offsets.extend(other.folded_offsets)
-        self.folded_weights.extend(other.folded_weights)
-        for pk, record in other.records.items():
+    def fold(self) -> None:
+        counts, last = self.totals()
+        self.folded = {pk: (n, last[pk]) for pk, n in counts.items()}
+        self.keys = array("q")
+        self.moments = []
+
+    def put_back(self, older: _Events) -> None:
+        """Add the entries of `older` (a failed flush's, all counted before these)."""
+        for pk, record in older.records.items():
             self.records.setdefault(pk, record)
+        if not older.folded and not self.folded:
+            self.keys = older.keys + self.keys
+            self.moments = older.moments + self.moments
+        else:
+            counts, last = self.totals()
+            more, before = older.totals()
+            counts.update(more)
+            self.folded = {pk: (n, last.get(pk) or before[pk]) for pk, n in counts.items()}
+            self.keys = array("q")
+            self.moments = []
         if len(self.keys) > MAX_EVENTS:
             self.fold()
 
-    def totals(self) -> dict[int, list[int]]:
-        """Per signed row ID: [verifications, latest offset]."""
-        keys, offsets, weights = self.entries()
-        out: dict[int, list[int]] = {}
-        ones = weights if weights is not None else array("q", [1]) * len(keys)
-        for pk, offset, weight in zip(keys, offsets, ones, strict=True):
-            seen = out.get(pk)
-            if seen is None:
-                out[pk] = [weight, offset]
-            else:
-                seen[0] += weight
-                if offset > seen[1]:
-                    seen[1] = offset
+    def columns(self, hour: datetime) -> list[list[str]]:
+        """PostgreSQL: the rows, one per key and outcome, as the text columns `_PG_WRITE_EVENTS`
+        reads, FLUSH_STATEMENT_ROWS rows to a statement."""
+        counts, last = self.totals()
+        pks = list(counts)
+        out: list[list[str]] = []
+        for start in range(0, len(pks), FLUSH_STATEMENT_ROWS):
+            part = pks[start : start + FLUSH_STATEMENT_ROWS]
+            moments = [None if pk < 0 else last[pk] for pk in part]  # failed: no last use
+            out.append(
+                [
+                    _joined(part),
+                    _joined(map(counts.__getitem__, part)),
+                    _offsets(moments, hour),
+                ]
+            )
         return out
-
-    def fold(self) -> None:
-        totals = self.totals()
-        self.folded_keys = array("q", totals)
-        self.folded_weights = array("q", [t[0] for t in totals.values()])
-        self.folded_offsets = array("q", [t[1] for t in totals.values()])
-        self.keys = array("q")
-        self.offsets = array("q")
 
     def counts(
         self, hour: datetime, only: set[int] | None = None
     ) -> dict[tuple[str, datetime], _Counts]:
         """Per (key ID, hour): what these entries add up to (of the keys in `only`, if given)."""
+        counts, last = self.totals()
         out: dict[tuple[str, datetime], _Counts] = {}
-        for pk, (weight, offset) in self.totals().items():
+        for pk, n in counts.items():
             if only is not None and abs(pk) not in only:
                 continue
             record = self.records[abs(pk)]
             marker = (record.key_id, hour)
-            counts = out.get(marker)
-            if counts is None:
-                counts = out[marker] = _Counts(
+            found = out.get(marker)
+            if found is None:
+                found = out[marker] = _Counts(
                     record.workspace_pk, record.environment_pk, record.environment_id
                 )
-            counts.total += weight
+            found.total += n
             if pk < 0:
-                counts.failed += weight
-                continue
-            counts.successful += weight
-            last = hour + timedelta(microseconds=offset)
-            if counts.last_used is None or last > counts.last_used:
-                counts.last_used = last
+                found.failed += n
+            else:
+                found.successful += n
+                found.last_used = last[pk]
         return out
 
 
@@ -557,12 +567,10 @@ class UsageRecorder:
         # This process's bucket rows are its own (`usage_buckets.writer`): no other process
         # locks them.
         self.writer = secrets.randbelow(2**63 - 1) + 1
-        # The current hour's `_Events`, from `_hour_start` (inclusive) to `_hour_end`, for
-        # moments of time zone `_tz` (whose offset is whole hours: an offset into the hour is then
-        # read off a moment's minute, second and microsecond). None: found again at the next count.
+        # The current hour's `_Events`, from `_hour_start` (inclusive) to `_hour_end`. None:
+        # found again at the next count.
         self._events: _Events | None = None
         self._hour_start = self._hour_end = _NEVER
-        self._tz: object = _UNALIGNED
         self._sequence = 0  # flushes begun (`usage_writers.flushed`)
         self._in_doubt: _InDoubt | None = None
         # For /metrics.
@@ -631,34 +639,24 @@ class UsageRecorder:
     def _count(self, key: KeyRecord, now: datetime, valid: bool) -> None:
         """Count one verification of a known key: two appends and a dict store (`_Events`)."""
         events = self._events
-        if (
-            events is not None
-            and self._hour_start <= now < self._hour_end
-            and now.tzinfo is self._tz
-        ):
-            offset = now.minute * 60_000_000 + now.second * 1_000_000 + now.microsecond
-        else:
-            events, offset = self._events_at(now)
+        if events is None or not self._hour_start <= now < self._hour_end:
+            events = self._events_at(now)
         pk = key.key_pk
         events.keys.append(pk if valid else -pk)
-        events.offsets.append(offset)
+        events.moments.append(now)
         events.records[pk] = key
         if len(events.keys) > MAX_EVENTS:
             events.fold()
 
-    def _events_at(self, now: datetime) -> tuple[_Events, int]:
-        """The `_Events` of `now`'s hour and `now`'s offset into it, in microseconds; remembers
-        the current hour's."""
+    def _events_at(self, now: datetime) -> _Events:
+        """The `_Events` of `now`'s hour; remembers the current hour's."""
         hour = hour_of(now)
         events = self._buffers.events.get(hour)
         if events is None:
             events = self._buffers.events[hour] = _Events()
         if hour >= self._hour_start:  # not a moment from before the current hour
             self._events, self._hour_start, self._hour_end = events, hour, hour + ONE_HOUR
-            offset = now.utcoffset()
-            aligned = offset is not None and not offset % ONE_HOUR
-            self._tz = now.tzinfo if aligned else _UNALIGNED
-        return events, (now - hour) // ONE_MICROSECOND
+        return events
 
     # -- writing --------------------------------------------------------------------------
     @property
@@ -758,7 +756,7 @@ class UsageRecorder:
             if kept is None:
                 current.events[hour] = events
             else:
-                kept.extend(events)
+                kept.put_back(events)
         room = MAX_DENIAL_ROWS - len(current.denials)
         current.denials[:0] = batch.denials[:room]
         for overflow in batch.denials[room:]:
@@ -848,19 +846,13 @@ class UsageRecorder:
             await UsageWriter.create(writer=self.writer, flushed=sequence, at=now, using_db=conn)
 
     async def _write_events(self, conn: BaseDBAsyncClient, hours: dict[datetime, _Events]) -> None:
-        """PostgreSQL: each hour's verifications, FLUSH_STATEMENT_EVENTS to a statement with pauses
-        between statements (`_Paced`); then, from the records counted, the keys deleted since."""
+        """PostgreSQL: each hour's verifications, FLUSH_STATEMENT_ROWS rows to a statement with
+        pauses between statements (`_Paced`); then, from the records counted, the keys deleted
+        since."""
         paced = _Paced(conn, self.settings.flush_interval_seconds / 2)
         for hour, events in hours.items():
-            keys, offsets, weights = events.entries()
             missed: set[int] = set()
-            for start in range(0, len(keys), FLUSH_STATEMENT_EVENTS):
-                end = start + FLUSH_STATEMENT_EVENTS
-                columns = [
-                    _joined(keys[start:end]),
-                    _joined(offsets[start:end]),
-                    _joined(weights[start:end]) if weights is not None else "",
-                ]
+            for columns in events.columns(hour):
                 result = await paced.query(_PG_WRITE_EVENTS, [*columns, _epoch(hour), self.writer])
                 missed.update(result[0]["missed"] or ())
             if missed:

@@ -203,9 +203,9 @@ async def test_flushed_last_use_keeps_the_exact_microsecond(
 async def test_a_flush_in_many_statements_counts_every_key_exactly(
     app: Starlette, rws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On PostgreSQL a flush sends FLUSH_STATEMENT_EVENTS verifications to a statement: made
-    tiny here, so one key's verifications are split over several statements."""
-    monkeypatch.setattr(usage_module, "FLUSH_STATEMENT_EVENTS", 2)
+    """On PostgreSQL a flush sends FLUSH_STATEMENT_ROWS rows (one per key and outcome) to a
+    statement: made tiny here, so a key's two outcomes can land in different statements."""
+    monkeypatch.setattr(usage_module, "FLUSH_STATEMENT_ROWS", 3)
     ws, usage = rws, recorder(app)
     keys = [await ws.create_key(permissions=["pdf.read"]) for _ in range(7)]
     for n, (_, secret) in enumerate(keys, start=1):
@@ -302,10 +302,10 @@ async def test_a_bucket_row_gone_before_the_next_flush_is_written_again(
 async def test_a_flush_spread_over_several_statements_with_pauses_counts_every_request(
     app: Starlette, rws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With two verifications per statement, a flush of fifteen runs eight statements in its one
+    """With two rows per statement, a flush of five keys runs three statements in its one
     transaction, pauses between them within its budget, and every request is counted once."""
     ws, usage = rws, recorder(app)
-    monkeypatch.setattr(usage_module, "FLUSH_STATEMENT_EVENTS", 2)
+    monkeypatch.setattr(usage_module, "FLUSH_STATEMENT_ROWS", 2)
     keys = [await ws.create_key() for _ in range(5)]
     assert await usage.flush()  # nothing pending but these keys' verifications from here on
     budgets: list[float] = []  # each statement's pause is taken from the flush's budget
@@ -323,7 +323,7 @@ async def test_a_flush_spread_over_several_statements_with_pauses_counts_every_r
             for _, secret in keys:
                 assert await verify(ws.client, secret) == "VALID"
     assert await usage.flush()
-    assert len(budgets) == 8
+    assert len(budgets) == 3
     budget = usage.settings.flush_interval_seconds / 2
     pauses = [a - b for a, b in zip([budget, *budgets], budgets, strict=False)]
     assert pauses[0] == 0 and all(p > 0 for p in pauses[1:]) and sum(pauses) <= budget
@@ -370,7 +370,7 @@ async def test_verifications_folded_while_they_wait_are_written_exactly(
             assert [await verify(ws.client, secret) for _ in range(n + 2)] == ["VALID"] * (n + 2)
             assert await verify(ws.client, secret, "admin.all") == "INSUFFICIENT_PERMISSIONS"
         [events] = usage._buffers.events.values()
-        assert events.folded_keys and len(events.keys) + len(events.folded_keys) < 15
+        assert events.folded and len(events.keys) + len(events.folded) < 15
         assert events.requests() == 15
         pending = usage.pending_counts()
     for n, (key_id, _) in enumerate(keys, start=1):
