@@ -9,6 +9,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from app.background import Periodic
 from app.clock import Clock
@@ -25,6 +26,13 @@ MAX_BUFFERED = 50_000
 MAX_ANOMALIES_PER_KEY_PER_FLUSH = 20
 MAX_REMEMBERED = 200_000  # written (key, IP) and (key, permission) pairs kept in memory
 LAST_SEEN_PRECISION = timedelta(hours=1)  # NEW_IP works in days: last_seen needs no more
+# Keys named per read of what the database already knows: a flush can hold MAX_BUFFERED keys, more
+# than one statement may bind (PostgreSQL: 32,767 parameters; SQLite: 32,766 by default).
+READ_CHUNK = 5000
+
+
+def _chunks(values: list[str]) -> list[list[str]]:
+    return [values[start : start + READ_CHUNK] for start in range(0, len(values), READ_CHUNK)]
 
 
 @dataclass
@@ -133,11 +141,20 @@ class ActivityRecorder:
             return await self._write(ips, permissions)
         except DATABASE_ERRORS:
             logger.warning("activity flush failed; keeping %d observations", len(ips))
-            for marker, seen in ips.items():
-                self._ips.setdefault(marker, seen)
-            for marker, asked in permissions.items():
-                self._permissions.setdefault(marker, asked)
+            self._put_back(self._ips, ips)
+            self._put_back(self._permissions, permissions)
             return 0
+
+    def _put_back(self, buffer: dict[Any, Any], taken: dict[Any, Any]) -> None:
+        """A failed flush's observations, back into `buffer` (kept to MAX_BUFFERED, as new ones
+        are: beyond that they count as dropped)."""
+        for marker, observation in taken.items():
+            if marker in buffer:
+                continue
+            if len(buffer) < MAX_BUFFERED:
+                buffer[marker] = observation
+            else:
+                self.dropped += 1
 
     async def _write(
         self, ips: dict[tuple[str, str], _Seen], permissions: dict[tuple[str, str], _Asked]
@@ -169,8 +186,8 @@ class ActivityRecorder:
             key_ids = sorted({key_id for key_id, _ in ips})
             known: dict[tuple[str, str], KeyIp] = {}
             keys_with_history: set[str] = set()
-            if key_ids:
-                for history in await KeyIp.filter(key_id__in=key_ids):
+            for chunk in _chunks(key_ids):
+                for history in await KeyIp.filter(key_id__in=chunk):
                     known[(history.key_id, history.ip)] = history
                     keys_with_history.add(history.key_id)
             for (key_id, ip), seen in sorted(ips.items(), key=lambda item: item[1].first):
@@ -204,11 +221,11 @@ class ActivityRecorder:
                     stored_ips[(key_id, ip)] = max(row.last_seen, seen.last)
             perm_keys = sorted({key_id for key_id, _ in permissions})
             used: set[tuple[str, str]] = set()
-            if perm_keys:
-                used = {
+            for chunk in _chunks(perm_keys):
+                used.update(
                     (use.key_id, use.permission)
-                    for use in await KeyPermissionUse.filter(key_id__in=perm_keys)
-                }
+                    for use in await KeyPermissionUse.filter(key_id__in=chunk)
+                )
             for (key_id, permission), asked in permissions.items():
                 stored_permissions.add((key_id, permission))
                 if (key_id, permission) in used:
@@ -228,7 +245,7 @@ class ActivityRecorder:
             if new_permissions:
                 await KeyPermissionUse.bulk_create(new_permissions, batch_size=1000)
             if anomalies:
-                await Anomaly.bulk_create(anomalies)
+                await Anomaly.bulk_create(anomalies, batch_size=1000)
         # Committed: remember what the database now knows (bounded; forgetting costs a read).
         if len(self._stored_ips) + len(stored_ips) > MAX_REMEMBERED:
             self._stored_ips.clear()

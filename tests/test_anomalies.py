@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -11,7 +12,7 @@ from app.activity import ActivityRecorder
 from app.cache import record_from_model
 from app.settings import Settings
 from app.verifier import KeyRecord
-from models import ApiKey, KeyIp, UsageBucket
+from models import ApiKey, KeyIp, KeyPermissionUse, UsageBucket
 from tests.support import OffsetClock, WorkspaceHandle
 
 ANOMALIES = "query($since: DateTime) { anomalies(since: $since) { kind keyId detectedAt detail } }"
@@ -220,3 +221,25 @@ async def test_anomalies_are_scoped_to_the_workspace(
         {"e": other_ws.environments["production"]},
     )
     assert env["errors"][0]["extensions"]["code"] == "NOT_FOUND"
+
+
+async def test_a_flush_of_more_keys_than_a_statement_can_name_is_written(
+    ws: WorkspaceHandle, recorder: ActivityRecorder, clock: OffsetClock
+) -> None:
+    """A flush reads what the database knows of its keys in chunks, and writes its anomalies in
+    batches: with 33,000 keys seen (first sightings after a restart of a busy service), one
+    statement naming them all passed PostgreSQL's limit on bound parameters (32,767; SQLite's
+    depends on its build), failed, and was retried in vain every second, with no observation
+    ever written and the retries taking half the server's CPU (seen on the bench machine, when
+    one slow flush let the next one gather that many)."""
+    key_id, _ = await ws.create_key()
+    real = await _record(key_id)
+    now = clock.now()
+    for n in range(33_000):
+        record = dataclasses.replace(real, key_id=f"key_many{n:05d}")
+        recorder.observe(now=now, key=record, ip="192.0.2.10", required=["pdf.read"])
+    assert recorder.pending == 66_000
+    assert await recorder.flush() == 33_000  # each key asked for a permission it does not hold
+    assert recorder.pending == 0
+    assert await KeyIp.filter(key_id__startswith="key_many").count() == 33_000
+    assert await KeyPermissionUse.filter(key_id__startswith="key_many").count() == 33_000
