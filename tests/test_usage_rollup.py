@@ -312,7 +312,7 @@ async def test_a_flush_spread_over_several_statements_with_pauses_counts_every_r
     query = usage_module._Paced.query
 
     async def counted(paced: usage_module._Paced, sql: str, values: list[object]) -> list[object]:
-        assert sql == usage_module._PG_WRITE_EVENTS
+        assert sql == usage_module._PG_WRITE_KEYS
         rows = await query(paced, sql, values)
         budgets.append(paced.budget)
         return rows
@@ -335,8 +335,8 @@ async def test_a_key_deleted_before_the_flush_keeps_its_last_uses(
     app: Starlette, rws: WorkspaceHandle, clock: OffsetClock
 ) -> None:
     """Usage history outlives a key: verifications counted before it was deleted and not yet
-    written still land in its bucket and its environment's (on PostgreSQL the flush finds no key
-    row for them and writes them from the records it counted)."""
+    written still land in its bucket and its environment's (the flush writes a key's IDs from
+    the record it counted, not from the key's row)."""
     ws, usage = rws, recorder(app)
     key_id, secret = await ws.create_key(permissions=["pdf.read"])
     assert await usage.flush()
