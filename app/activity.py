@@ -95,7 +95,7 @@ class ActivityRecorder:
         required: Sequence[str],
     ) -> None:
         """`observe` for a caller that already holds the parsed client address and its text."""
-        memo = key.seen
+        memo = key.tally
         if text == memo.seen_ip and now < memo.seen_until:
             pass  # the same IP as last time, written within the hour (below)
         else:

@@ -1,9 +1,9 @@
 """Huge pages for a process holding a large key cache (Linux).
 
 With 100,000 cached keys the heap is a few hundred MiB of small objects, and a verification
-touches several of them (the cache's hash slot, the entry, the record, its activity memo, the
-rendered body) at addresses no recent request touched. With 4 KiB pages nearly each of those is a
-TLB miss as well as a cache miss, and under a hypervisor a TLB miss walks two sets of page tables.
+touches several of them (the cache's hash slot, the entry, the record, its tally, the rendered
+body) at addresses no recent request touched. With 4 KiB pages nearly each of those is a TLB
+miss as well as a cache miss, and under a hypervisor a TLB miss walks two sets of page tables.
 The same heap on 2 MiB pages needs a few hundred TLB entries, not tens of thousands: measured on
 the bench machine (KVM), a server answering for 100,000 hot keys of 1,000,000 did about 5% more
 verifications per CPU second once its heap was on huge pages (README, Performance).

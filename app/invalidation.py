@@ -6,9 +6,8 @@ lost, so the cache is cleared on every (re)connect and bypassed until the listen
 
 A payload opens with its sender's origin (`@<random id>`, one per app): a process skips its
 own notices, as its cache dropped those keys before the mutation returned. Heard late, its own
-notice would drop an entry already read back from the committed row: one needless miss (and,
-while usage was counted on records, the key's pending usage split over two of them: a CI run
-failed on that, 2026-11-27). A process
+notice would drop an entry already read back from the committed row: one needless miss, and
+the key's pending usage split over two tallies (a CI run failed on that, 2026-11-27). A process
 that does not know the marker drops it like any other hash, which is a no-op.
 
 Fault handling (tests/test_faults.py): the reconnect loop survives every database failure

@@ -1,9 +1,11 @@
 """Usage counters and the denial log, without a database write per request.
 
 `/v1/verify` calls `record` (O(1), no I/O); a background task calls `flush` every flush interval
-and once more on shutdown. Each verification of a known key is noted as it came, in flat
-arrays per hour (`_Events`: the key's row ID and the moment, two appends and no per-key object);
-a failed flush puts its arrays back. A flush writes, in one transaction:
+and once more on shutdown. A key's counts go on the tally its cached record carries
+(`app.verifier.UsageTally`: no lookup and no new object per request), and the recorder lists the
+tallies it has to write; counts that cannot go on a tally (the hour turned while it held counts,
+a failed flush's rows put back) are kept by (key, hour) in `_Buffers`. A flush writes, in one
+transaction:
 
 - hourly usage buckets per key (counts and the latest use), and one per environment
   (`key_id` = the environment's public ID), so the `usage` query reads pre-aggregated rows and
@@ -22,11 +24,11 @@ holds, so each delta is counted once whichever runs first, with any number of pr
 
 Each process writes bucket rows of its own (`usage_buckets.writer`, random per process), so no
 two processes lock the same row and no statement needs a lock order; readers sum a key's rows
-per hour. On PostgreSQL the flush sends the verifications themselves, and PostgreSQL sums them
-per key and upserts the key rows, and sums the environments' buckets from those, in the same
-statements (SQLite: the event loop sums them and writes through the ORM). The PostgreSQL
-roll-up merges a closed hour's rows into one (writer MERGED_WRITER) rather than marking them;
-on SQLite it marks them rolled in place.
+per hour. On PostgreSQL a key's tally remembers the row ID of its pending bucket of the current
+hour and the flush updates it by ID (a third less PostgreSQL work than the upsert); a row gone
+meanwhile is found missing and upserted again. PostgreSQL sums the environments' buckets from
+the key rows in the same statements. The PostgreSQL roll-up merges a closed hour's rows into one
+(writer MERGED_WRITER) rather than marking them; on SQLite it marks them rolled in place.
 
 Counting rules (CONTRACT §4): a VALID verification adds a successful request and sets
 `lastUsedAt`; a refusal that names a known key adds a failed request. Every refusal is a denial.
@@ -49,12 +51,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import secrets
 import time
-from array import array
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -78,22 +79,21 @@ MAX_DENIAL_ROWS = 50_000  # pending denial rows kept in memory between flushes
 MAX_TRACKED_IPS = 100_000  # per-minute rate counters; beyond this every IP is over its rate
 MANY_IPS = "(many)"
 ONE_HOUR = timedelta(hours=1)
-ONE_MICROSECOND = timedelta(microseconds=1)
-_NEVER = datetime.min.replace(tzinfo=UTC)
 PRUNE_EVERY_SECONDS = 600.0
 MESSAGE_LIMIT = 200
 ORIGIN_LIMIT = 300
-# An hour's verifications held as they came (`_Events`) before they are folded to one entry per
-# key and outcome: about 60 MB. Only a flush that cannot write for a long while gets there.
-MAX_EVENTS = 1_000_000
 
 
-# A PostgreSQL flush sends FLUSH_STATEMENT_ROWS rows (one per key and outcome) to a statement
-# and, before each statement after its first, pauses FLUSH_PAUSE_FACTOR times as long as the one
-# before took, at most half the flush interval in all: PostgreSQL's part of a flush is spread
-# over about four times its length instead of one burst that takes a whole core (about 100 ms
-# for 15,000 keys). On the two-core bench machine such a burst also took CPU from the server
-# under load.
+# The flush encodes its rows for PostgreSQL FLUSH_SLICE at a time, pausing FLUSH_SLICE_PAUSE
+# seconds between slices: encoding ~10,000 rows is tens of milliseconds of Python, and done in one
+# go (or in slices with only a bare yield between them) the requests in flight wait it out.
+FLUSH_SLICE = 250
+FLUSH_SLICE_PAUSE = 0.001
+# It sends them about FLUSH_STATEMENT_ROWS to a statement (whole slices) and, before each statement
+# after its first, pauses FLUSH_PAUSE_FACTOR times as long as the one before took, at most half
+# the flush interval in all: PostgreSQL's part of a flush is spread over about four times its
+# length instead of one burst that takes a whole core (about 100 ms for 15,000 rows). On the
+# two-core bench machine such a burst also took CPU from the server under load.
 FLUSH_STATEMENT_ROWS = 2000
 FLUSH_PAUSE_FACTOR = 3.0
 ROLLUP_CHUNK = 5000  # closed buckets added to their keys' counters per roll-up statement
@@ -123,6 +123,19 @@ _ADD_TO_KEYS = """UPDATE api_keys AS k SET
         successful_requests = k.successful_requests + s.ok,
         failed_requests = k.failed_requests + s.failed,
         last_used_at = GREATEST(k.last_used_at, s.last_used)"""
+# The flush passes each column as one comma-separated text (numbers, public IDs, the hour as
+# integer epoch microseconds and the last use as microseconds after it), split by PostgreSQL:
+# asyncpg encoding Python lists element by element cost the event loop about 4.5 ms per 1,000
+# rows, this under 1 ms (in slices, above). Successful requests are not sent: every request is
+# either successful or failed, so they are the total less the failed.
+_BUCKET_ROWS = """SELECT ws, env, key_id, TIMESTAMPTZ 'epoch' + hour_us * INTERVAL '1 microsecond'
+           AS hour, total, total - failed AS ok, failed,
+           TIMESTAMPTZ 'epoch' + (hour_us + last_off) * INTERVAL '1 microsecond' AS last_used
+    FROM unnest(string_to_array($1, ',')::int[], string_to_array($2, ',')::int[],
+                string_to_array($3, ',')::varchar[], string_to_array($4, ',')::bigint[],
+                string_to_array($5, ',')::bigint[], string_to_array($6, ',')::bigint[],
+                string_to_array($7, ',', '')::bigint[])
+        AS v(ws, env, key_id, hour_us, total, failed, last_off)"""
 
 
 def _add_environments_sql(rows: str, writer: str) -> str:
@@ -142,35 +155,48 @@ def _add_environments_sql(rows: str, writer: str) -> str:
 )"""
 
 
-# Every bucket row belongs to one writer (a process: the last parameter below), so no two
-# processes ever lock the same row and the statements need no lock order. Key buckets are upserted
-# as pending. On PostgreSQL a writer's rows are always pending: the roll-up does not mark them, it
-# merges them into a MERGED_WRITER row and deletes them, so a late write for a closed hour lands
-# in a new pending row of its own, for the next roll-up.
-#
-# A flush sends an hour's verifications summed per key and outcome (`_Events`): the key's
-# workspace and environment row IDs and public ID (from the record it counted: a key deleted since
-# still counts), how many, how many failed, and (successful ones) the last use in microseconds into
-# the hour. PostgreSQL adds a key's two outcomes up, upserts its row, and sums the environments'
-# rows from those. Taking the IDs from `api_keys` instead tripled PostgreSQL's part (0.28 of a core
-# against 0.08 at the bench's 1M full load, on the CPU the load generator shares).
-_PG_WRITE_KEYS = f"""WITH e AS (
-    SELECT * FROM unnest(string_to_array($1, ',')::int[], string_to_array($2, ',')::int[],
-                         string_to_array($3, ',')::varchar[], string_to_array($4, ',')::bigint[],
-                         string_to_array($5, ',')::bigint[], string_to_array($6, ',', '')::bigint[])
-        AS e(ws, env, key_id, total, failed, last_off)
-), v AS (
-    SELECT min(e.ws) AS ws, min(e.env) AS env, e.key_id, h.hour, sum(e.total) AS total,
-           sum(e.total) - sum(e.failed) AS ok, sum(e.failed) AS failed,
-           h.hour + max(e.last_off) * INTERVAL '1 microsecond' AS last_used
-    FROM e CROSS JOIN (SELECT TIMESTAMPTZ 'epoch' + $7::bigint * INTERVAL '1 microsecond' AS hour) h
-    GROUP BY e.key_id, h.hour
+# Every bucket row belongs to one writer (a process: $9 and $5 below), so no two processes
+# ever lock the same row and the statements need no lock order.
+# Key buckets: upserted as pending. Returns their row IDs for hour $8, for the next flush to
+# update by ID. On PostgreSQL a writer's rows are always pending: the roll-up does not mark them,
+# it merges them into a MERGED_WRITER row and deletes them, so a late write for a closed hour
+# lands in a new pending row of its own, for the next roll-up.
+_PG_WRITE_KEYS = f"""WITH v AS ({_BUCKET_ROWS}
 ), up AS (
     {_BUCKET_INSERT}
-    SELECT ws, env, key_id, hour, total, ok, failed, last_used, FALSE, $8::bigint FROM v
+    SELECT ws, env, key_id, hour, total, ok, failed, last_used, FALSE, $9::bigint FROM v
     {_BUCKET_UPSERT}
-), {_add_environments_sql("v", "$8")}
-SELECT count(*) FROM v"""
+    RETURNING b.id, b.key_id, b.bucket_start
+), {_add_environments_sql("v", "$9")}
+SELECT array_agg(id) AS ids, array_agg(key_id) AS key_ids FROM up
+    WHERE bucket_start = TIMESTAMPTZ 'epoch' + $8::bigint * INTERVAL '1 microsecond'"""
+# Key buckets this process holds the row ID of (its pending buckets of the current hour): updated
+# by ID, a third less work for PostgreSQL than the upsert. Returns the IDs it did not find (the
+# roll-up merged the row meanwhile, or it was deleted); the flush upserts those instead, and
+# their environments are counted there. The rows are looked up by ID in ID order: run after
+# _PG_BY_ID_PLAN, which keeps the planner from scanning the whole primary key to merge-join a
+# fifth of it (measured on 20,000 of 100,000 rows: 127 ms instead of 209 ms of PostgreSQL time).
+_PG_UPDATE_KEYS = f"""WITH v AS (
+    SELECT id, total, total - failed AS ok, failed, last_off
+    FROM unnest(string_to_array($1, ',')::bigint[], string_to_array($2, ',')::bigint[],
+                string_to_array($3, ',')::bigint[], string_to_array($4, ',', '')::bigint[])
+        AS v(id, total, failed, last_off)
+    ORDER BY id
+), up AS (
+    UPDATE usage_buckets AS b SET
+        total_requests = b.total_requests + v.total,
+        successful_requests = b.successful_requests + v.ok,
+        failed_requests = b.failed_requests + v.failed,
+        last_used_at = GREATEST(b.last_used_at,
+                                b.bucket_start + v.last_off * INTERVAL '1 microsecond')
+    FROM v WHERE b.id = v.id
+    RETURNING b.id, b.workspace_id AS ws, b.environment_id AS env, b.bucket_start AS hour,
+              v.total, v.ok, v.failed,
+              b.bucket_start + v.last_off * INTERVAL '1 microsecond' AS last_used
+), {_add_environments_sql("up", "$5")}
+SELECT array_agg(id) AS missed FROM v WHERE id NOT IN (SELECT id FROM up)"""
+# For the rest of the flush's transaction (whose other statements join nothing large).
+_PG_BY_ID_PLAN = "SET LOCAL enable_mergejoin = off; SET LOCAL enable_hashjoin = off"
 # Each flush's transaction first notes its number on its writer's row (`_InDoubt`).
 _PG_FLUSHED = """SET LOCAL idle_in_transaction_session_timeout = {idle_ms};
 INSERT INTO usage_writers (writer, flushed, at) VALUES ({writer}, {sequence}, now())
@@ -206,12 +232,41 @@ SELECT count(*) FROM c"""
 
 
 def _joined(values: Iterable[object]) -> str:
-    return ",".join(map(str, values))
+    return ",".join([str(value) for value in values])
 
 
 def _epoch(moment: datetime) -> int:
     """Epoch microseconds, as the flush statements read timestamps back."""
     return round(moment.timestamp() * 1_000_000)
+
+
+def _epochs(moments: Iterable[datetime | None]) -> str:
+    """Epoch microseconds, comma-separated; an empty field for None (read back as NULL).
+    Integers: formatting a float's repr took twice as long."""
+    seen: dict[datetime, str] = {}
+    out: list[str] = []
+    for moment in moments:
+        if moment is None:
+            out.append("")
+            continue
+        text = seen.get(moment)
+        if text is None:
+            text = seen[moment] = str(_epoch(moment))
+        out.append(text)
+    return ",".join(out)
+
+
+def _bucket_columns(rows: list[tuple[tuple[str, datetime], _Counts]]) -> list[str]:
+    """The bucket columns, one text each, as the flush statements split them."""
+    return [
+        _joined(c.workspace_pk for _, c in rows),
+        _joined(c.environment_pk for _, c in rows),
+        ",".join(marker[0] for marker, _ in rows),
+        _epochs(marker[1] for marker, _ in rows),
+        _joined(c.total for _, c in rows),
+        _joined(c.failed for _, c in rows),
+        ",".join(_offsets([c.last_used], marker[1]) for marker, c in rows),
+    ]
 
 
 def hour_of(moment: datetime) -> datetime:
@@ -255,34 +310,27 @@ class _Denial:
 
 @dataclass
 class _Buffers:
-    # Hour -> the verifications of known keys counted in it. (A flush derives the environments'
-    # buckets from them.)
-    events: dict[datetime, _Events] = field(default_factory=dict)
+    # (key ID, hour) -> that key's counts in that hour, for the counts that are not on a key's
+    # tally: an hour that turned, another recorder's record, a failed flush's rows put back.
+    # (A flush derives the environments' buckets from these and the tallies.)
+    keys: dict[tuple[str, datetime], _Counts] = field(default_factory=dict)
     denials: list[_Denial] = field(default_factory=list)
     folded: dict[tuple[str, str, str | None, datetime], _Denial] = field(default_factory=dict)
 
     def empty(self) -> bool:
-        return not (self.events or self.denials or self.folded)
+        return not (self.keys or self.denials or self.folded)
 
     def requests(self) -> int:
-        return sum(events.requests() for events in self.events.values())
+        return sum(c.total for c in self.keys.values())
 
     def denial_rows(self) -> int:
         return len(self.denials) + len(self.folded)
 
-    def counts(self) -> dict[tuple[str, datetime], _Counts]:
-        """Per (key ID, hour): the counts the events add up to."""
+    def environments(self) -> dict[tuple[str, datetime], _Counts]:
+        """Per (environment public ID, hour): the sum of its keys' counts."""
         out: dict[tuple[str, datetime], _Counts] = {}
-        for hour, events in self.events.items():
-            out.update(events.counts(hour))
+        _add_environments(out, self.keys.items())
         return out
-
-
-def _environments(keys: dict[tuple[str, datetime], _Counts]) -> dict[tuple[str, datetime], _Counts]:
-    """Per (environment public ID, hour): the sum of these keys' counts."""
-    out: dict[tuple[str, datetime], _Counts] = {}
-    _add_environments(out, keys.items())
-    return out
 
 
 def _add_environments(
@@ -299,124 +347,158 @@ def _add_environments(
         seen.add(counts)
 
 
-def _offsets(moments: list[datetime | None], hour: datetime) -> str:
-    """Microseconds from `hour` to each moment (in that UTC hour), comma-separated; an empty
-    field for None. In UTC they are read off the moments' fields: a third of the time of
-    subtracting, and this runs once per key and hour of a flush."""
-    if {m.tzinfo for m in moments if m is not None} <= {UTC}:
-        return ",".join(
+def _put(
+    counts: dict[tuple[str, datetime], _Counts], marker: tuple[str, datetime], more: _Counts
+) -> None:
+    """Add `more` to the counts under `marker`."""
+    existing = counts.get(marker)
+    if existing is None:
+        counts[marker] = more
+    else:
+        existing.add(more)
+
+
+def _offsets(moments: Iterable[datetime | None], hour: datetime) -> str:
+    """Microseconds from `hour` to each moment (a last use in that hour), comma-separated; an
+    empty field for None. A subtraction: a third of the cost of an epoch timestamp."""
+    return ",".join(
+        [
+            ""
+            if m is None
+            else str(((d := m - hour).days * 86_400 + d.seconds) * 1_000_000 + d.microseconds)
+            for m in moments
+        ]
+    )
+
+
+def _concatenated(slices: list[list[str]]) -> list[str] | None:
+    """Per-slice column texts joined into one text per column; None for no rows."""
+    return [",".join(column) for column in zip(*slices, strict=True)] if slices else None
+
+
+class _Rows:
+    """Key rows of one hour that a PostgreSQL flush took from tallies, for one statement, column
+    by column: the values (to learn bucket row IDs after the commit, to send again, or to put
+    back when the write fails) and their text, encoded a slice at a time."""
+
+    def __init__(self, by_id: bool) -> None:
+        self.by_id = by_id  # `_PG_UPDATE_KEYS` (the tally knows the bucket row) or upserted
+        self.keys: list[KeyRecord] = []
+        self.bucket_ids: list[int] = []  # by_id only
+        self.totals: list[int] = []
+        self.failures: list[int] = []
+        self.last_used: list[datetime | None] = []
+        self._texts: list[list[str]] = []  # per slice encoded: one text per column
+        self._sizes: list[int] = []  # rows per slice
+        self._encoded = 0
+
+    def encode(self, hour: datetime) -> None:
+        """Encode the rows appended since the last call."""
+        start = self._encoded
+        keys = self.keys[start:]
+        if not keys:
+            return
+        self._encoded = len(self.keys)
+        self._sizes.append(len(keys))
+        if self.by_id:
+            head = [",".join(map(str, self.bucket_ids[start:]))]
+        else:
+            head = [
+                ",".join([str(key.workspace_pk) for key in keys]),
+                ",".join([str(key.environment_pk) for key in keys]),
+                ",".join([key.key_id for key in keys]),
+                ",".join([str(_epoch(hour))] * len(keys)),
+            ]
+        self._texts.append(
             [
-                ""
-                if m is None
-                else str(m.minute * 60_000_000 + m.second * 1_000_000 + m.microsecond)
-                for m in moments
+                *head,
+                ",".join(map(str, self.totals[start:])),
+                ",".join(map(str, self.failures[start:])),
+                _offsets(self.last_used[start:], hour),
             ]
         )
-    return ",".join(["" if m is None else str((m - hour) // ONE_MICROSECOND) for m in moments])
 
+    def statements(self) -> list[list[str]]:
+        """The encoded columns, whole slices of about FLUSH_STATEMENT_ROWS rows per statement."""
+        groups: list[list[list[str]]] = [[]]
+        rows = 0
+        for texts, size in zip(self._texts, self._sizes, strict=True):
+            if rows >= FLUSH_STATEMENT_ROWS:
+                groups.append([])
+                rows = 0
+            groups[-1].append(texts)
+            rows += size
+        return [columns for group in groups if (columns := _concatenated(group)) is not None]
 
-class _Events:
-    """One hour's verifications of known keys, in the order they were counted: the key's row ID
-    (negated for a failed verification) in a flat array, and the moment in a list. Counting one
-    is two appends and a dict store: no per-key object is read or made on the request path. A
-    flush sums them per key in C (`totals`: `Counter`, and a dict built from the pairs, where a
-    key's later entries replace its earlier ones) and turns one row per key and outcome into
-    text. With 100,000 keys in use, each verified every 14 s or so, the per-key tallies this
-    replaced cost the request a write to an object of that key's that no recent request had
-    touched, and the flush 3.7 us of Python per verification (7,000 verifications over 7,000
-    keys: 24-30 ms of the event loop per flush; now 5-7 ms).
+    def counts(self, index: int) -> _Counts:
+        return _key_counts(
+            self.keys[index], self.totals[index], self.failures[index], self.last_used[index]
+        )
 
-    The last use written is the moment of a key's last verification counted, which is the
-    latest one, but for a request that waited on a database lookup while a later one of the same
-    key was counted (a few milliseconds earlier, at most). Past MAX_EVENTS entries (a flush that
-    cannot write for a long while) the entries are folded into `folded`: per key and outcome,
-    how many and the last moment."""
+    def taking(self, rows: _Rows, indexes: Iterable[int]) -> None:
+        """Append these rows of `rows`."""
+        for index in indexes:
+            self.keys.append(rows.keys[index])
+            self.totals.append(rows.totals[index])
+            self.failures.append(rows.failures[index])
+            self.last_used.append(rows.last_used[index])
+            if self.by_id:
+                self.bucket_ids.append(rows.bucket_ids[index])
 
-    __slots__ = ("folded", "keys", "moments", "records")
-
-    def __init__(self) -> None:
-        self.keys = array("q")
-        self.moments: list[datetime] = []
-        # Signed row ID -> (verifications, last moment) of entries folded, all before `keys`'.
-        self.folded: dict[int, tuple[int, datetime]] = {}
-        # Row ID -> the record counted under it: its public and parent IDs, for the rows written.
-        self.records: dict[int, KeyRecord] = {}
-
-    def requests(self) -> int:
-        return len(self.keys) + sum(n for n, _ in self.folded.values())
-
-    def totals(self) -> tuple[Counter[int], dict[int, datetime]]:
-        """Per signed row ID: how many verifications, and the moment of the last one counted."""
-        counts = Counter(self.keys)
-        last = dict(zip(self.keys, self.moments, strict=True))
-        for pk, (n, moment) in self.folded.items():
-            counts[pk] += n
-            last.setdefault(pk, moment)  # an entry counted since is later
-        return counts, last
-
-    def fold(self) -> None:
-        counts, last = self.totals()
-        self.folded = {pk: (n, last[pk]) for pk, n in counts.items()}
-        self.keys = array("q")
-        self.moments = []
-
-    def put_back(self, older: _Events) -> None:
-        """Add the entries of `older` (a failed flush's, all counted before these)."""
-        for pk, record in older.records.items():
-            self.records.setdefault(pk, record)
-        if not older.folded and not self.folded:
-            self.keys = older.keys + self.keys
-            self.moments = older.moments + self.moments
-        else:
-            counts, last = self.totals()
-            more, before = older.totals()
-            counts.update(more)
-            self.folded = {pk: (n, last.get(pk) or before[pk]) for pk, n in counts.items()}
-            self.keys = array("q")
-            self.moments = []
-        if len(self.keys) > MAX_EVENTS:
-            self.fold()
-
-    def columns(self, hour: datetime) -> list[list[str]]:
-        """PostgreSQL: the rows, one per key and outcome, as the text columns `_PG_WRITE_KEYS`
-        reads, FLUSH_STATEMENT_ROWS rows to a statement."""
-        counts, last = self.totals()
-        pks = list(counts)
-        out: list[list[str]] = []
-        for start in range(0, len(pks), FLUSH_STATEMENT_ROWS):
-            part = pks[start : start + FLUSH_STATEMENT_ROWS]
-            records = [self.records[abs(pk)] for pk in part]
-            out.append(
-                [
-                    _joined([r.workspace_pk for r in records]),
-                    _joined([r.environment_pk for r in records]),
-                    ",".join([r.key_id for r in records]),
-                    _joined(map(counts.__getitem__, part)),
-                    _joined([counts[pk] if pk < 0 else 0 for pk in part]),
-                    _offsets([None if pk < 0 else last[pk] for pk in part], hour),
-                ]
-            )
-        return out
-
-    def counts(self, hour: datetime) -> dict[tuple[str, datetime], _Counts]:
-        """Per (key ID, hour): what these entries add up to."""
-        counts, last = self.totals()
-        out: dict[tuple[str, datetime], _Counts] = {}
-        for pk, n in counts.items():
-            record = self.records[abs(pk)]
-            marker = (record.key_id, hour)
-            found = out.get(marker)
-            if found is None:
-                found = out[marker] = _Counts(
-                    record.workspace_pk, record.environment_pk, record.environment_id
-                )
-            found.total += n
-            if pk < 0:
-                found.failed += n
+    def unique(self, others: dict[tuple[str, datetime], _Counts], hour: datetime) -> _Rows:
+        """These rows with one row per key (one statement must not name a bucket twice): a
+        second record of a key (the cache reloaded it while the old one held counts) goes to
+        `others`."""
+        ids = self.bucket_ids if self.by_id else [key.key_id for key in self.keys]
+        if len(set(ids)) == len(ids):
+            return self
+        seen: set[str] = set()
+        kept = _Rows(self.by_id)
+        for index, key in enumerate(self.keys):
+            if key.key_id in seen:
+                _put(others, (key.key_id, hour), self.counts(index))
             else:
-                found.successful += n
-                found.last_used = last[pk]
-        return out
+                seen.add(key.key_id)
+                kept.taking(self, (index,))
+        kept.encode(hour)
+        return kept
+
+
+def _key_counts(key: KeyRecord, total: int, failed: int, last: datetime | None) -> _Counts:
+    """A key's counts (every request is successful or failed)."""
+    ws, env, env_id = key.workspace_pk, key.environment_pk, key.environment_id
+    return _Counts(ws, env, env_id, total, total - failed, failed, last)
+
+
+def _add_tallies(out: dict[tuple[str, datetime], _Counts], keys: Iterable[KeyRecord]) -> None:
+    """Add the counts pending on these keys' tallies to `out`, by (key ID, hour)."""
+    for key in keys:
+        tally = key.tally
+        if tally.total and tally.hour is not None:
+            _put(
+                out,
+                (key.key_id, tally.hour),
+                _key_counts(key, tally.total, tally.failed, tally.last_used),
+            )
+
+
+def _drain(dirty: list[KeyRecord], batch: _Buffers) -> None:
+    """Move the counts of these tallies into `batch` (SQLite: one process, small batches)."""
+    _add_tallies(batch.keys, dirty)
+    for key in dirty:
+        tally = key.tally
+        tally.total = tally.failed = 0
+        tally.last_used = None
+
+
+async def _encoded_buckets(rows: list[tuple[tuple[str, datetime], _Counts]]) -> list[str] | None:
+    """`_bucket_columns`, FLUSH_SLICE rows at a time with a pause between slices."""
+    slices: list[list[str]] = []
+    for start in range(0, len(rows), FLUSH_SLICE):
+        if start:
+            await asyncio.sleep(FLUSH_SLICE_PAUSE)
+        slices.append(_bucket_columns(rows[start : start + FLUSH_SLICE]))
+    return _concatenated(slices)
 
 
 class _Paced:
@@ -439,12 +521,20 @@ class _Paced:
         return list(rows)
 
 
-@dataclass
-class _Attempt:
-    """One flush: its number, and whether its transaction got as far as its COMMIT."""
+class _Taken:
+    """One flush: its number, whether its transaction got as far as its COMMIT, and (PostgreSQL)
+    what it took from the tallies: this hour's rows, by statement."""
 
-    sequence: int
-    committing: bool = False
+    def __init__(self, hour: datetime, sequence: int) -> None:
+        self.hour = hour
+        self.sequence = sequence
+        self.committing = False
+        self.known = _Rows(by_id=True)
+        self.new = _Rows(by_id=False)
+        self.again = _Rows(by_id=False)  # known rows whose bucket row was gone: upserted
+
+    def requests(self) -> int:
+        return sum(self.known.totals) + sum(self.new.totals)
 
 
 @dataclass
@@ -459,10 +549,10 @@ class _InDoubt:
     idle). Committed: the counts are dropped; not: they are put back and written."""
 
     batch: _Buffers
-    attempt: _Attempt
+    taken: _Taken
 
     def requests(self) -> int:
-        return self.batch.requests()
+        return self.batch.requests() + self.taken.requests()
 
 
 async def _add_to_key(
@@ -500,6 +590,7 @@ class UsageRecorder:
         self.clock = clock
         self._buffers = _Buffers()
         self._minute: datetime | None = None
+        self._hour_start: datetime | None = None
         self._per_ip: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self._loop = Periodic(settings.flush_interval_seconds, self._tick, self._lock)
@@ -507,12 +598,11 @@ class UsageRecorder:
         self._last_prune = -math.inf
         self._last_rollup = -math.inf
         # This process's bucket rows are its own (`usage_buckets.writer`): no other process
-        # locks them.
+        # locks them. On PostgreSQL a key's tally keeps the row ID of its pending bucket of the
+        # current hour: the next flush updates by ID.
         self.writer = secrets.randbelow(2**63 - 1) + 1
-        # The current hour's `_Events`, from `_hour_start` (inclusive) to `_hour_end`. None:
-        # found again at the next count.
-        self._events: _Events | None = None
-        self._hour_start = self._hour_end = _NEVER
+        # The records whose tallies hold counts not yet written (each once).
+        self._dirty: list[KeyRecord] = []
         self._sequence = 0  # flushes begun (`usage_writers.flushed`)
         self._in_doubt: _InDoubt | None = None
         # For /metrics.
@@ -578,38 +668,64 @@ class UsageRecorder:
         folded.count += 1
         folded.at = max(folded.at, now)
 
-    def _count(self, key: KeyRecord, now: datetime, valid: bool) -> None:
-        """Count one verification of a known key: two appends and a dict store (`_Events`)."""
-        events = self._events
-        if events is None or not self._hour_start <= now < self._hour_end:
-            events = self._events_at(now)
-        pk = key.key_pk
-        events.keys.append(pk if valid else -pk)
-        events.moments.append(now)
-        events.records[pk] = key
-        if len(events.keys) > MAX_EVENTS:
-            events.fold()
+    def _hour(self, now: datetime) -> datetime:
+        """`hour_of(now)`, remembered for the rest of the hour (the hot path asks every time)."""
+        start = self._hour_start
+        if start is None or not start <= now < start + ONE_HOUR:
+            start = self._hour_start = hour_of(now)
+        return start
 
-    def _events_at(self, now: datetime) -> _Events:
-        """The `_Events` of `now`'s hour; remembers the current hour's."""
-        hour = hour_of(now)
-        events = self._buffers.events.get(hour)
-        if events is None:
-            events = self._buffers.events[hour] = _Events()
-        if hour >= self._hour_start:  # not a moment from before the current hour
-            self._events, self._hour_start, self._hour_end = events, hour, hour + ONE_HOUR
-        return events
+    def _count(self, key: KeyRecord, now: datetime, valid: bool) -> None:
+        """Count into the key's tally: no lookup, and no new object once it is listed."""
+        tally = key.tally
+        hour = self._hour(now)
+        if tally.owner is not self:
+            if tally.owner is not None:  # another recorder's (tests run several)
+                self._count_in_buffers(key, hour, now, valid)
+                return
+            tally.owner = self
+        if not tally.total:
+            tally.hour = hour
+            self._dirty.append(key)
+        elif tally.hour is not hour and tally.hour != hour:  # the hour turned: rare
+            self._count_in_buffers(key, hour, now, valid)
+            return
+        tally.total += 1
+        if valid:
+            if tally.last_used is None or now > tally.last_used:
+                tally.last_used = now
+        else:
+            tally.failed += 1
+
+    def _count_in_buffers(self, key: KeyRecord, hour: datetime, now: datetime, valid: bool) -> None:
+        marker = (key.key_id, hour)
+        counts = self._buffers.keys.get(marker)
+        if counts is None:
+            counts = self._buffers.keys[marker] = _Counts(
+                key.workspace_pk, key.environment_pk, key.environment_id
+            )
+        counts.total += 1
+        if valid:
+            counts.successful += 1
+            if counts.last_used is None or now > counts.last_used:
+                counts.last_used = now
+        else:
+            counts.failed += 1
 
     # -- writing --------------------------------------------------------------------------
     @property
     def pending_requests(self) -> int:
         """Verifications of known keys counted in memory and not yet written."""
         held = self._in_doubt.requests() if self._in_doubt else 0
-        return self._buffers.requests() + held
+        return self._buffers.requests() + sum(key.tally.total for key in self._dirty) + held
 
     def pending_counts(self) -> dict[tuple[str, datetime], _Counts]:
-        """(key ID, hour) -> the counts not yet written (not those of a flush in doubt)."""
-        return self._buffers.counts()
+        """(key ID, hour) -> the counts not yet written (a copy)."""
+        out: dict[tuple[str, datetime], _Counts] = {}
+        _add_tallies(out, self._dirty)
+        for marker, counts in self._buffers.keys.items():
+            _put(out, marker, dataclasses.replace(counts))
+        return out
 
     @property
     def pending_denials(self) -> int:
@@ -623,42 +739,42 @@ class UsageRecorder:
             if self._in_doubt is not None and not await self._settle(self._in_doubt):
                 return False
             batch, self._buffers = self._buffers, _Buffers()
-            self._events = None  # the next count finds its hour's in the new buffers
-            if batch.empty():
+            dirty, self._dirty = self._dirty, []
+            if batch.empty() and not dirty:
                 self.last_flush_monotonic = time.monotonic()
                 return True
             self._sequence += 1
-            attempt = _Attempt(self._sequence)
+            taken = _Taken(self._hour(self.clock.now()), self._sequence)
             try:
-                await self._write(batch, attempt)
+                await self._write(batch, dirty, taken)
             except DATABASE_ERRORS as exc:
                 self.flush_failures += 1
                 logger.warning(
                     "usage flush failed (%s)%s; keeping %d requests and %d denials for the next",
                     type(exc).__name__,
-                    " at its COMMIT" if attempt.committing else "",
-                    batch.requests(),
+                    " at its COMMIT" if taken.committing else "",
+                    batch.requests() + taken.requests(),
                     batch.denial_rows(),
                 )
-                self._keep(batch, attempt)
+                self._keep(batch, taken)
                 return False
             except Exception as exc:  # a bug, not an outage: say so loudly, and still lose nothing
                 self.flush_failures += 1
                 unforeseen(
                     logger, "usage flush crashed; keeping the batch for the next attempt", exc
                 )
-                self._keep(batch, attempt)
+                self._keep(batch, taken)
                 return False
             self.flushes += 1
             self.last_flush_monotonic = time.monotonic()
             return True
 
-    def _keep(self, batch: _Buffers, attempt: _Attempt) -> None:
+    def _keep(self, batch: _Buffers, taken: _Taken) -> None:
         """A failed flush's counts: put back, or held when it failed at its COMMIT (`_InDoubt`)."""
-        if attempt.committing:
-            self._in_doubt = _InDoubt(batch, attempt)
+        if taken.committing:
+            self._in_doubt = _InDoubt(batch, taken)
         else:
-            self._merge_back(batch)
+            self._merge_back(batch, taken)
 
     async def _settle(self, doubt: _InDoubt) -> bool:
         """Whether the flush in doubt committed: its counts dropped if it did, put back if not.
@@ -684,21 +800,22 @@ class UsageRecorder:
             )
             return False
         self._in_doubt = None
-        if flushed == doubt.attempt.sequence:
+        if flushed == doubt.taken.sequence:
             logger.info("usage flush: the write whose COMMIT went unanswered was committed")
         else:
             logger.info("usage flush: the write whose COMMIT went unanswered was not committed")
-            self._merge_back(doubt.batch)
+            self._merge_back(doubt.batch, doubt.taken)
         return True
 
-    def _merge_back(self, batch: _Buffers) -> None:
+    def _merge_back(self, batch: _Buffers, taken: _Taken) -> None:
         current = self._buffers
-        for hour, events in batch.events.items():
-            kept = current.events.get(hour)
-            if kept is None:
-                current.events[hour] = events
-            else:
-                kept.put_back(events)
+        for marker, counts in batch.keys.items():
+            if marker in current.keys:
+                counts.add(current.keys[marker])
+            current.keys[marker] = counts
+        for rows in (taken.known, taken.new):  # (`again` repeats rows of `known`)
+            for index, key in enumerate(rows.keys):
+                _put(current.keys, (key.key_id, taken.hour), rows.counts(index))
         room = MAX_DENIAL_ROWS - len(current.denials)
         current.denials[:0] = batch.denials[:room]
         for overflow in batch.denials[room:]:
@@ -727,7 +844,7 @@ class UsageRecorder:
         else:
             existing.count += denial.count
 
-    async def _write(self, batch: _Buffers, attempt: _Attempt) -> None:
+    async def _write(self, batch: _Buffers, dirty: list[KeyRecord], taken: _Taken) -> None:
         denials = [*batch.denials, *batch.folded.values()]
         prefixes = {d.prefix for d in denials if d.key is None and d.prefix}
         owners: dict[str, int] = {}
@@ -740,12 +857,23 @@ class UsageRecorder:
             ):
                 seen.setdefault(str(prefix), []).append(int(ws_pk))
             owners = {p: pks[0] for p, pks in seen.items() if len(pks) == 1}
+        postgres = self.settings.is_postgres
+        if postgres:  # encoded before taking a connection
+            await self._take(dirty, batch, taken)
+            # The counts not taken from tallies (an hour that turned, rows put back).
+            others = await _encoded_buckets(list(batch.keys.items()))
+        else:
+            _drain(dirty, batch)
+        learned: dict[str, int] = {}
         async with transaction() as conn:
-            await self._note_flush(conn, attempt.sequence)
-            if self.settings.is_postgres:
-                await self._write_events(conn, batch.events)
+            await self._note_flush(conn, taken.sequence)
+            if not postgres:
+                await self._write_counts_orm(conn, batch, self.writer)
             else:
-                await self._write_counts_orm(conn, batch.counts(), self.writer)
+                paced = _Paced(conn, self.settings.flush_interval_seconds / 2)
+                await self._write_taken(paced, taken, learned)
+                if others is not None:
+                    await paced.query(_PG_WRITE_KEYS, [*others, _epoch(taken.hour), self.writer])
             if denials:
                 await Denial.bulk_create(
                     [
@@ -767,7 +895,12 @@ class UsageRecorder:
                     batch_size=1000,
                     using_db=conn,
                 )
-            attempt.committing = True  # from here on, the COMMIT
+            taken.committing = True  # from here on, the COMMIT
+        # Committed: the tallies of the upserted keys remember their bucket's row ID.
+        for rows in (taken.new, taken.again):
+            for key in rows.keys:
+                tally = key.tally
+                tally.bucket_id, tally.bucket_hour = learned.get(key.key_id), taken.hour
 
     async def _note_flush(self, conn: BaseDBAsyncClient, sequence: int) -> None:
         """Set this writer's row to this flush's number, in its transaction (`_InDoubt`)."""
@@ -787,23 +920,96 @@ class UsageRecorder:
         ):
             await UsageWriter.create(writer=self.writer, flushed=sequence, at=now, using_db=conn)
 
-    async def _write_events(self, conn: BaseDBAsyncClient, hours: dict[datetime, _Events]) -> None:
-        """PostgreSQL: each hour's verifications, FLUSH_STATEMENT_ROWS rows to a statement with
-        pauses between statements (`_Paced`)."""
-        paced = _Paced(conn, self.settings.flush_interval_seconds / 2)
-        for hour, events in hours.items():
-            for columns in events.columns(hour):
-                await paced.query(_PG_WRITE_KEYS, [*columns, _epoch(hour), self.writer])
+    async def _take(self, dirty: list[KeyRecord], batch: _Buffers, taken: _Taken) -> None:
+        """Take the counts of the tallies in `dirty` into `taken` (PostgreSQL), encoding them
+        FLUSH_SLICE at a time with a pause between slices. Counts of an earlier hour go to
+        `batch` instead."""
+        hour, known, new = taken.hour, taken.known, taken.new
+        known_key, known_id, known_total, known_failed, known_last = (
+            known.keys.append,
+            known.bucket_ids.append,
+            known.totals.append,
+            known.failures.append,
+            known.last_used.append,
+        )
+        new_key, new_total, new_failed, new_last = (
+            new.keys.append,
+            new.totals.append,
+            new.failures.append,
+            new.last_used.append,
+        )
+        done = 0
+        try:
+            for start in range(0, len(dirty), FLUSH_SLICE):
+                if start:
+                    await asyncio.sleep(FLUSH_SLICE_PAUSE)
+                for key in dirty[start : start + FLUSH_SLICE]:
+                    tally = key.tally
+                    total = tally.total
+                    if not total:
+                        continue
+                    failed, last = tally.failed, tally.last_used
+                    tally.total = tally.failed = 0
+                    tally.last_used = None
+                    if tally.hour is not hour and tally.hour != hour:
+                        marker = (key.key_id, tally.hour or hour)
+                        _put(batch.keys, marker, _key_counts(key, total, failed, last))
+                        continue
+                    bucket = tally.bucket_id
+                    if bucket is not None and (
+                        tally.bucket_hour is hour or tally.bucket_hour == hour
+                    ):
+                        known_key(key)
+                        known_id(bucket)
+                        known_total(total)
+                        known_failed(failed)
+                        known_last(last)
+                    else:
+                        new_key(key)
+                        new_total(total)
+                        new_failed(failed)
+                        new_last(last)
+                done = start + FLUSH_SLICE
+                known.encode(hour)
+                new.encode(hour)
+        finally:
+            if done < len(dirty):  # interrupted: what is left is counted by the next flush
+                self._dirty.extend(dirty[done:])
+        taken.known = known.unique(batch.keys, hour)
+        taken.new = new.unique(batch.keys, hour)
+
+    async def _write_taken(self, paced: _Paced, taken: _Taken, learned: dict[str, int]) -> None:
+        """The key rows taken from tallies: updated by bucket row ID where it is known, else
+        upserted (and the row IDs of the hour's buckets go into `learned`, by key ID)."""
+        known, again = taken.known, taken.again
+        statements = known.statements()
+        if statements:
+            await paced.conn.execute_script(_PG_BY_ID_PLAN)
+        gone: set[int] = set()
+        for columns in statements:
+            result = await paced.query(_PG_UPDATE_KEYS, [*columns, self.writer])
+            gone.update(result[0]["missed"] or ())
+        if gone:  # rolled up or deleted meanwhile: upsert those rows
+            again.taking(known, [i for i, b in enumerate(known.bucket_ids) if b in gone])
+            again.encode(taken.hour)
+        # `new` and `again` in statements of their own: a key reloaded into the cache can be in
+        # both (its old record's row gone, its new record's tally without one), and one upsert
+        # must not name a bucket twice.
+        for rows in (taken.new, again):
+            for columns in rows.statements():
+                result = await paced.query(
+                    _PG_WRITE_KEYS, [*columns, _epoch(taken.hour), self.writer]
+                )
+                if result[0]["ids"]:
+                    learned.update(zip(result[0]["key_ids"], result[0]["ids"], strict=True))
 
     @staticmethod
-    async def _write_counts_orm(
-        conn: BaseDBAsyncClient, keys: dict[tuple[str, datetime], _Counts], writer: int
-    ) -> None:
+    async def _write_counts_orm(conn: BaseDBAsyncClient, batch: _Buffers, writer: int) -> None:
         """SQLite (one process): the same rules through the ORM. Key buckets are written as
         pending; a late write into a bucket the roll-up already closed also goes to the key's
         counters."""
-        environments = _environments(keys)
-        buckets = {**keys, **environments}
+        environments = batch.environments()
+        buckets = {**batch.keys, **environments}
         if not buckets:
             return
         existing = {

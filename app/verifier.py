@@ -28,16 +28,37 @@ from app.tokens import parse_token
 _NEVER = datetime.min.replace(tzinfo=UTC)
 
 
-class SeenMemo:
-    """What app.activity last learned of where a key is used from: the client IP it last found
-    already written for this key, and until when that needs no new write. It lives on the
-    otherwise immutable record, so a key called from one address costs the recorder no lookup;
-    the verifier never reads it."""
+class UsageTally:
+    """One process's counts of a key's verifications that are not written yet, and what the
+    activity recorder last learned of where it is used from.
 
-    __slots__ = ("seen_ip", "seen_until")
+    app.usage counts into it and its flush takes the counts; the verifier never reads it. It
+    lives on the otherwise immutable record, so counting a verification of a cached key needs no
+    lookup and no new object (the recorder keeps a list of the tallies it has to write).
+    app.activity keeps here the client IP it last found already written for this key and until
+    when that needs no new write, so a key called from one address costs it no lookup."""
+
+    __slots__ = (
+        "bucket_hour",
+        "bucket_id",
+        "failed",
+        "hour",
+        "last_used",
+        "owner",
+        "seen_ip",
+        "seen_until",
+        "total",
+    )
 
     def __init__(self) -> None:
-        self.seen_ip: str | None = None  # an IP written for this key
+        self.owner: object | None = None  # the recorder counting into it (the first to count)
+        self.hour: datetime | None = None  # the hour the pending counts belong to
+        self.total = 0  # 0: nothing pending
+        self.failed = 0  # the rest of the total was successful
+        self.last_used: datetime | None = None  # of the pending successful verifications
+        self.bucket_id: int | None = None  # PostgreSQL: the owner's bucket row of bucket_hour
+        self.bucket_hour: datetime | None = None
+        self.seen_ip: str | None = None  # app.activity: an IP written for this key
         self.seen_until: datetime = _NEVER  # ... whose last-seen time needs no update until then
 
 
@@ -59,8 +80,8 @@ class KeyRecord:
     authorized_origins: frozenset[str]  # CLIENT_SIDE only: the environment's origins
     expires_at: datetime | None
     grace_ends_at: datetime | None
-    # Mutable (app.activity); not part of what the record says about the key.
-    seen: SeenMemo = field(default_factory=SeenMemo, init=False, compare=False, repr=False)
+    # Mutable usage counts (app.usage); not part of what the record says about the key.
+    tally: UsageTally = field(default_factory=UsageTally, init=False, compare=False, repr=False)
 
 
 class Code(str, Enum):

@@ -62,7 +62,7 @@ async def test_a_key_remembers_its_written_ip_until_its_last_seen_needs_a_write(
     recorder.observe(now=clock.now(), key=record, ip="192.0.2.10", required=[])
     assert await recorder.flush() == 0
     recorder.observe(now=clock.now(), key=record, ip="192.0.2.10", required=[])
-    assert record.seen.seen_ip == "192.0.2.10" and recorder.pending == 0
+    assert record.tally.seen_ip == "192.0.2.10" and recorder.pending == 0
     recorder.observe(now=clock.now(), key=record, ip="192.0.2.10", required=[])
     assert recorder.pending == 0
     recorder.observe(now=clock.now(), key=record, ip="198.51.100.7", required=[])

@@ -21,7 +21,9 @@ from app import usage as usage_module
 from app.cache import record_from_model
 from app.services import monitoring as monitoring_module
 from app.settings import Settings
+from app.tokens import hash_secret
 from app.usage import MERGED_WRITER, UsageRecorder, hour_of
+from app.verifier import UsageTally
 from models import ApiKey, UsageBucket
 from resolvers import context as context_module
 from tests.conftest import BACKEND
@@ -45,6 +47,14 @@ async def rws(app: Starlette, ws: WorkspaceHandle) -> AsyncIterator[WorkspaceHan
 def recorder(app: Starlette) -> UsageRecorder:
     usage: UsageRecorder = app.state.usage
     return usage
+
+
+def tally(app: Starlette, secret: str) -> UsageTally:
+    """The usage tally on the cached record of this key."""
+    entry = app.state.key_cache.fresh(hash_secret(secret))
+    assert entry is not None and entry.record is not None
+    found: UsageTally = entry.record.tally
+    return found
 
 
 async def shown(ws: WorkspaceHandle, key_id: str) -> tuple[int, int, int]:
@@ -200,12 +210,12 @@ async def test_flushed_last_use_keeps_the_exact_microsecond(
     assert bucket.bucket_start == marker[1] == hour_of(counts.last_used)
 
 
-async def test_a_flush_in_many_statements_counts_every_key_exactly(
+async def test_a_flush_encoded_in_many_slices_counts_every_key_exactly(
     app: Starlette, rws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On PostgreSQL a flush sends FLUSH_STATEMENT_ROWS rows (one per key and outcome) to a
-    statement: made tiny here, so a key's two outcomes can land in different statements."""
-    monkeypatch.setattr(usage_module, "FLUSH_STATEMENT_ROWS", 3)
+    """On PostgreSQL a flush encodes its rows FLUSH_SLICE at a time between pauses: made tiny
+    here, so 7 keys take several slices."""
+    monkeypatch.setattr(usage_module, "FLUSH_SLICE", 2)
     ws, usage = rws, recorder(app)
     keys = [await ws.create_key(permissions=["pdf.read"]) for _ in range(7)]
     for n, (_, secret) in enumerate(keys, start=1):
@@ -255,7 +265,8 @@ async def test_each_process_writes_its_own_bucket_rows_and_the_rollup_merges_the
         assert [(b.writer, b.total_requests) for b in rows] == [(MERGED_WRITER, 10)]
 
 
-async def test_a_key_flushed_again_in_the_hour_adds_to_its_own_row(
+@pytest.mark.skipif(BACKEND != "postgres", reason="updates by row ID are the PostgreSQL flush")
+async def test_a_key_flushed_again_in_the_hour_is_updated_by_its_bucket_id(
     app: Starlette, rws: WorkspaceHandle, clock: OffsetClock
 ) -> None:
     ws, usage = rws, recorder(app)
@@ -263,29 +274,29 @@ async def test_a_key_flushed_again_in_the_hour_adds_to_its_own_row(
     assert [await verify(ws.client, secret) for _ in range(2)] == ["VALID"] * 2
     assert await usage.flush()
     [bucket] = await UsageBucket.filter(key_id=key_id)
+    assert tally(app, secret).bucket_id == bucket.id
     assert [await verify(ws.client, secret) for _ in range(3)] == ["VALID"] * 3
     assert await usage.flush()
     [again] = await UsageBucket.filter(key_id=key_id)
     assert (again.id, again.total_requests, again.rolled) == (bucket.id, 5, False)
-    assert again.writer == usage.writer
     assert await shown(ws, key_id) == (5, 5, 0)
 
 
-@pytest.mark.skipif(BACKEND != "postgres", reason="PostgreSQL's roll-up merges and deletes rows")
+@pytest.mark.skipif(BACKEND != "postgres", reason="updates by row ID are the PostgreSQL flush")
 @pytest.mark.parametrize("meanwhile", ["merged by a roll-up", "deleted"])
-async def test_a_bucket_row_gone_before_the_next_flush_is_written_again(
+async def test_a_bucket_row_gone_before_its_update_by_id_is_written_again(
     app: Starlette, rws: WorkspaceHandle, clock: OffsetClock, meanwhile: str
 ) -> None:
-    """A process's pending row of the hour can go before its next flush (another process's
-    clock already in the next hour merged it; the row was deleted): the next flush writes a new
-    pending row, and none of the counts is lost."""
+    """The row ID a process remembers can go (another process's clock already in the next hour
+    merged it; the row was deleted): the update by ID finds nothing, and the flush upserts the
+    counts instead: none is lost."""
     ws, usage = rws, recorder(app)
     key_id, secret = await ws.create_key()
     assert [await verify(ws.client, secret) for _ in range(2)] == ["VALID"] * 2
     assert await usage.flush()
-    [first] = await UsageBucket.filter(key_id=key_id)
+    remembered = tally(app, secret).bucket_id
     if meanwhile == "deleted":
-        await UsageBucket.filter(id=first.id).delete()
+        await UsageBucket.filter(id=remembered).delete()
         expected = 3
     else:
         assert await usage.rollup(now=hour_of(clock.now()) + timedelta(hours=1)) >= 1
@@ -295,40 +306,50 @@ async def test_a_bucket_row_gone_before_the_next_flush_is_written_again(
     assert await shown(ws, key_id) == (expected, expected, 0)
     [pending] = await UsageBucket.filter(key_id=key_id, rolled=False)
     assert pending.total_requests == 3 and pending.writer == usage.writer
-    assert pending.id != first.id
+    assert tally(app, secret).bucket_id == pending.id != remembered
 
 
 @pytest.mark.skipif(BACKEND != "postgres", reason="statements and pauses of the PostgreSQL flush")
 async def test_a_flush_spread_over_several_statements_with_pauses_counts_every_request(
     app: Starlette, rws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With two rows per statement, a flush of five keys runs three statements in its one
-    transaction, pauses between them within its budget, and every request is counted once."""
+    """With one row per slice and two per statement, a flush of five keys (known rows, a row
+    gone meanwhile, new rows) runs several statements in its one transaction, pauses between
+    them within its budget, and every request is counted once."""
     ws, usage = rws, recorder(app)
+    monkeypatch.setattr(usage_module, "FLUSH_SLICE", 1)
     monkeypatch.setattr(usage_module, "FLUSH_STATEMENT_ROWS", 2)
     keys = [await ws.create_key() for _ in range(5)]
     assert await usage.flush()  # nothing pending but these keys' verifications from here on
+    async with usage._lock:  # no background flush takes part of them
+        for _, secret in keys[:4]:
+            assert await verify(ws.client, secret) == "VALID"
+    assert await usage.flush()  # four new rows: upserted, two statements
+    await UsageBucket.filter(id=tally(app, keys[0][1]).bucket_id).delete()
+    statements: list[str] = []
     budgets: list[float] = []  # each statement's pause is taken from the flush's budget
     query = usage_module._Paced.query
 
     async def counted(paced: usage_module._Paced, sql: str, values: list[object]) -> list[object]:
-        assert sql == usage_module._PG_WRITE_KEYS
+        statements.append("update" if sql == usage_module._PG_UPDATE_KEYS else "upsert")
         rows = await query(paced, sql, values)
         budgets.append(paced.budget)
         return rows
 
     monkeypatch.setattr(usage_module._Paced, "query", counted)
-    async with usage._lock:  # no background flush takes part of them
+    async with usage._lock:
         for _ in range(3):
             for _, secret in keys:
                 assert await verify(ws.client, secret) == "VALID"
     assert await usage.flush()
-    assert len(budgets) == 3
+    # Four known rows in two updates (one row found gone), then the new key and the gone one.
+    assert statements == ["update", "update", "upsert", "upsert"]
     budget = usage.settings.flush_interval_seconds / 2
     pauses = [a - b for a, b in zip([budget, *budgets], budgets, strict=False)]
     assert pauses[0] == 0 and all(p > 0 for p in pauses[1:]) and sum(pauses) <= budget
-    for key_id, _ in keys:
-        assert await shown(ws, key_id) == (3, 3, 0)
+    for index, (key_id, _) in enumerate(keys):
+        expected = 3 if index in (0, 4) else 4
+        assert await shown(ws, key_id) == (expected, expected, 0)
 
 
 async def test_a_key_deleted_before_the_flush_keeps_its_last_uses(
@@ -355,65 +376,39 @@ async def test_a_key_deleted_before_the_flush_keeps_its_last_uses(
     assert env["totalRequests"] == 4
 
 
-async def test_verifications_folded_while_they_wait_are_written_exactly(
-    app: Starlette, rws: WorkspaceHandle, clock: OffsetClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Verifications wait as they came, up to MAX_EVENTS an hour (made tiny here); past that
-    they are folded to one entry per key and outcome with a weight: the counts and the latest
-    use written are exact."""
-    monkeypatch.setattr(usage_module, "MAX_EVENTS", 4)
-    ws, usage = rws, recorder(app)
-    keys = [await ws.create_key(permissions=["pdf.read"]) for _ in range(3)]
-    assert await usage.flush()
-    async with usage._lock:
-        for n, (_, secret) in enumerate(keys, start=1):
-            assert [await verify(ws.client, secret) for _ in range(n + 2)] == ["VALID"] * (n + 2)
-            assert await verify(ws.client, secret, "admin.all") == "INSUFFICIENT_PERMISSIONS"
-        [events] = usage._buffers.events.values()
-        assert events.folded and len(events.keys) + len(events.folded) < 15
-        assert events.requests() == 15
-        pending = usage.pending_counts()
-    for n, (key_id, _) in enumerate(keys, start=1):
-        counts = pending[(key_id, hour_of(clock.now()))]
-        assert (counts.total, counts.successful, counts.failed) == (n + 3, n + 2, 1)
-    assert await usage.flush()
-    for n, (key_id, _) in enumerate(keys, start=1):
-        assert await shown(ws, key_id) == (n + 3, n + 2, 1)
-        [bucket] = await UsageBucket.filter(key_id=key_id)
-        assert bucket.last_used_at == pending[(key_id, bucket.bucket_start)].last_used
-
-
 async def test_a_key_reloaded_with_counts_pending_on_its_old_record_is_counted_once_per_row(
     app: Starlette, rws: WorkspaceHandle
 ) -> None:
-    """A management change reloads a key into the cache while verifications of its old record
-    are not written yet: both records' verifications are written, to one row, and the total is
-    exact."""
+    """A management change reloads a key into the cache while its old record still holds
+    counts: both records' counts are written, the same bucket is never named twice in one
+    statement, and the total is exact."""
     ws, usage = rws, recorder(app)
     key_id, secret = await ws.create_key(permissions=["pdf.read"])
     assert await usage.flush()  # nothing pending but this key's verifications from here on
     async with usage._lock:  # the background flush does not take the counts meanwhile
         assert [await verify(ws.client, secret) for _ in range(3)] == ["VALID"] * 3
+        before = tally(app, secret)
         await ws.q(
             """mutation($id: ID!) { updateKey(id: $id,
             input: {permissions: ["pdf.read", "pdf.write"]}) { __typename } }""",
             {"id": key_id},
         )
         assert [await verify(ws.client, secret, "pdf.write") for _ in range(4)] == ["VALID"] * 4
-        assert usage.pending_requests == 7
+        after = tally(app, secret)
+        assert after is not before and (before.total, after.total) == (3, 4)
     assert await usage.flush()
+    assert (before.total, after.total) == (0, 0)
     assert await shown(ws, key_id) == (7, 7, 0)
     assert [await verify(ws.client, secret) for _ in range(2)] == ["VALID"] * 2
     assert await usage.flush()
     assert await shown(ws, key_id) == (9, 9, 0)
-    assert len(await UsageBucket.filter(key_id=key_id)) == 1
 
 
 async def test_counts_pending_when_the_hour_turns_land_in_their_own_hours(
     app: Starlette, rws: WorkspaceHandle, clock: OffsetClock
 ) -> None:
-    """Verifications are held by the hour they happened in: those after the hour turned, before
-    the flush took them, are counted in the new hour; each hour's bucket gets exactly its own."""
+    """A key's tally holds one hour's counts: verifications after the hour turned, before the
+    flush took them, are counted in the new hour; each hour's bucket gets exactly its own."""
     ws, usage = rws, recorder(app)
     key_id, secret = await ws.create_key()
     assert await usage.flush()
@@ -436,12 +431,12 @@ async def test_counts_pending_when_the_hour_turns_land_in_their_own_hours(
     assert await shown(ws, key_id) == (9, 9, 0)
 
 
-@pytest.mark.skipif(BACKEND != "postgres", reason="statements of the PostgreSQL flush")
-async def test_a_failed_flush_puts_its_verifications_back_for_the_next(
+@pytest.mark.skipif(BACKEND != "postgres", reason="updates by row ID are the PostgreSQL flush")
+async def test_a_failed_flush_keeps_the_counts_it_took_by_bucket_id_for_the_next(
     app: Starlette, rws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A flush whose statement fails puts the verifications it took back: the next flush
-    writes each of them once, to the rows the keys already have."""
+    """A flush whose update by bucket row ID fails puts the counts it took back: the next flush
+    writes each of them once (as an upsert: the counts are kept by key and hour then)."""
     ws, usage = rws, recorder(app)
     keys = [await ws.create_key() for _ in range(3)]
     for _, secret in keys:
@@ -455,6 +450,7 @@ async def test_a_failed_flush_puts_its_verifications_back_for_the_next(
     async with usage._lock:
         for n, (_, secret) in enumerate(keys, start=1):
             assert [await verify(ws.client, secret) for _ in range(n)] == ["VALID"] * n
+            assert tally(app, secret).bucket_id is not None  # updated by ID, if all goes well
     monkeypatch.setattr(usage_module._Paced, "query", refused)
     assert not await usage.flush()
     assert usage.pending_requests == 6
@@ -463,8 +459,7 @@ async def test_a_failed_flush_puts_its_verifications_back_for_the_next(
     assert usage.pending_requests == 0
     for n, (key_id, _) in enumerate(keys, start=1):
         assert await shown(ws, key_id) == (n + 1, n + 1, 0)
-        [bucket] = await UsageBucket.filter(key_id=key_id)
-        assert bucket.total_requests == n + 1
+        assert sum(b.total_requests for b in await UsageBucket.filter(key_id=key_id)) == n + 1
 
 
 def test_no_test_starts_within_two_minutes_of_the_hour() -> None:
