@@ -85,8 +85,10 @@ def _shown(error: GraphQLError, message: str, code: str) -> GraphQLError:
     )
 
 
-def _typed(error: GraphQLError) -> GraphQLError | None:
-    """A client-facing error with its `extensions.code`, or None when it must be masked."""
+def _as_shown(error: GraphQLError) -> GraphQLError:
+    """The error as the client gets it: typed errors with their `extensions.code`; anything
+    else logged (its type and stack, not its message, which may quote a value such as a token
+    hash) and masked."""
     original = error.original_error
     if original is None:
         return error  # a GraphQL syntax/validation error: about the query, safe to show
@@ -101,21 +103,8 @@ def _typed(error: GraphQLError) -> GraphQLError | None:
         # a statement, so the client gets a fixed one (the log has the error's type).
         logger.warning("database unreachable in %s: %s", error.path, type(original).__name__)
         return _shown(error, UNAVAILABLE_MESSAGE, "UNAVAILABLE")
-    return None
-
-
-def _apply_policy(errors: list[GraphQLError]) -> list[GraphQLError]:
-    """Typed errors with their `extensions.code`; anything else logged (its type and stack, not
-    its message, which may quote a value such as a token hash) and masked."""
-    processed = []
-    for error in errors:
-        typed = _typed(error)
-        if typed is None:
-            if error.original_error is not None:  # (always: _typed passes the others)
-                unforeseen(logger, f"unexpected error in {error.path}", error.original_error)
-            typed = _shown(error, MASKED_MESSAGE, "INTERNAL_SERVER_ERROR")
-        processed.append(typed)
-    return processed
+    unforeseen(logger, f"unexpected error in {error.path}", original)
+    return _shown(error, MASKED_MESSAGE, "INTERNAL_SERVER_ERROR")
 
 
 def _empty_selection(document: DocumentNode) -> SelectionSetNode | None:
@@ -162,7 +151,7 @@ class KeyplaneSchema(strawberry.Schema):
     async def execute(self, *args: Any, **kwargs: Any) -> ExecutionResult:
         result = await super().execute(*args, **kwargs)
         if result.errors:
-            result.errors = _apply_policy(result.errors)
+            result.errors = [_as_shown(error) for error in result.errors]
         return result
 
 
