@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint unit bench schema constraints clean
+.PHONY: run test lint unit bench bench-instructions schema constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ schema: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# Instructions and simulated cache misses per verification, counted by valgrind (bench/instructions.py).
+bench-instructions: $(STAMP)
+	command -v valgrind >/dev/null || { apt-get update && apt-get install -y valgrind; }
+	$(BIN)/python -m bench.instructions
 
 # Pin what .venv holds now (after upgrading it and passing `make test`).
 constraints: $(STAMP)
