@@ -163,8 +163,10 @@ def _child_verify(hot: int, measured: int) -> None:
             position = (position + 1) % hot
             verify(position)
 
+    hits = cache.hits
     _measured(run)
     assert cache.misses == 0, "every measured verification must be a cache hit"
+    print(f"measured {measured} verifications: {cache.hits - hits} cache hits")
 
 
 def _child_flush(keys: int, rounds: int) -> None:
@@ -178,6 +180,8 @@ def _child_flush(keys: int, rounds: int) -> None:
     usage = usage_module.UsageRecorder(Settings.from_env(), clock)
     records = [record_from_row(_row(index)) for index in range(keys)]
 
+    by_id = upserted = 0
+
     def one(learn: bool) -> Callable[[], None]:
         for index, record in enumerate(records):
             clock.advance(microseconds=37)
@@ -186,9 +190,12 @@ def _child_flush(keys: int, rounds: int) -> None:
         taken = usage_module._Taken(usage._hour(clock.now()), 1)
 
         def take() -> None:
+            nonlocal by_id, upserted
             _drive(usage._take(dirty, usage_module._Buffers(), taken))
             taken.known.statements()
             taken.new.statements()
+            by_id += len(taken.known.keys)
+            upserted += len(taken.new.keys)
 
         if learn:
             take()
@@ -197,8 +204,10 @@ def _child_flush(keys: int, rounds: int) -> None:
         return take
 
     one(True)  # every key's bucket row learned: the flushes below update by row ID
+    by_id = upserted = 0
     for _ in range(rounds):
         _measured(one(False))
+    print(f"flushed {rounds} times: {by_id} rows by row ID, {upserted} upserted")
 
 
 def _callgrind(args: list[str], workdir: Path, name: str) -> dict[str, int]:
