@@ -25,6 +25,7 @@ logger = logging.getLogger("keyplane.activity")
 MAX_BUFFERED = 50_000
 MAX_ANOMALIES_PER_KEY_PER_FLUSH = 20
 MAX_REMEMBERED = 200_000  # written (key, IP) and (key, permission) pairs kept in memory
+MAX_SHARED_UNTILS = 1000
 LAST_SEEN_PRECISION = timedelta(hours=1)  # NEW_IP works in days: last_seen needs no more
 # Keys named per read of what the database already knows: a flush can hold MAX_BUFFERED keys, more
 # than one statement may bind (PostgreSQL: 32,767 parameters; SQLite: 32,766 by default).
@@ -62,6 +63,10 @@ class ActivityRecorder:
         # pairs with the last_seen stored for them, and the permissions each key has used.
         self._stored_ips: dict[tuple[str, str], datetime] = {}
         self._stored_permissions: set[tuple[str, str]] = set()
+        # The seen_until times that keys' memos hold, cut to the minute and shared: one object
+        # per minute that stays in the CPU's caches, where a time of each key's own was one more
+        # object for a verification to read from memory (about 0.3 us with 100,000 keys in use).
+        self._untils: dict[datetime, datetime] = {}
         self.dropped = 0
         self._lock = asyncio.Lock()
         self._loop = Periodic(settings.flush_interval_seconds, self.flush, self._lock)
@@ -104,7 +109,7 @@ class ActivityRecorder:
             if stored is not None and now < (until := stored + LAST_SEEN_PRECISION):
                 # Seen within the hour and written: nothing to learn or to write, and the key
                 # remembers it, so the next request from this IP needs no lookup.
-                memo.seen_ip, memo.seen_until = text, until
+                memo.seen_ip, memo.seen_until = text, self._shared_until(until)
             elif address is not None and not (
                 # An IP on the key's own allowlist is expected, never news.
                 key.allowed_networks and ip_allowed(address, key.allowed_networks)
@@ -125,6 +130,17 @@ class ActivityRecorder:
                 continue
             held = not missing_permissions(key.permissions, (permission,))
             self._permissions[marker] = _Asked(key, held, now)
+
+    def _shared_until(self, until: datetime) -> datetime:
+        """`until` cut to the minute (a memo ends up to a minute early: one more lookup), as an
+        object that every memo ending in that minute shares."""
+        minute = until.replace(second=0, microsecond=0)
+        shared = self._untils.get(minute)
+        if shared is None:
+            if len(self._untils) >= MAX_SHARED_UNTILS:
+                self._untils.clear()
+            shared = self._untils[minute] = minute
+        return shared
 
     async def flush(self) -> int:
         """Write buffered observations; returns the number of anomalies detected. On a database

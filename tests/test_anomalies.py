@@ -76,6 +76,32 @@ async def test_a_key_remembers_its_written_ip_until_its_last_seen_needs_a_write(
     assert abs(stored.last_seen - later) < timedelta(seconds=1)
 
 
+async def test_memos_share_their_end_cut_to_the_minute_and_still_spare_the_write(
+    ws: WorkspaceHandle, recorder: ActivityRecorder, clock: OffsetClock
+) -> None:
+    """Keys whose written sightings end in the same minute hold one shared time (so a
+    verification reads no time object of its key's own). Cut to the minute, a memo ends up to a
+    minute early: the request after that looks the stored sighting up again, and it still
+    writes nothing until the hour since the write is over."""
+    records = [await _record((await ws.create_key())[0]) for _ in range(2)]
+    now = clock.now()
+    for record in records:
+        recorder.observe(now=now, key=record, ip="192.0.2.20", required=[])
+    assert await recorder.flush() == 0
+    for record in records:
+        recorder.observe(now=now, key=record, ip="192.0.2.20", required=[])
+    first, second = (record.tally.seen_until for record in records)
+    assert first is second
+    stored = recorder._stored_ips[(records[0].key_id, "192.0.2.20")]
+    exact = stored + timedelta(hours=1)
+    assert exact - timedelta(minutes=1) < first <= exact
+    late = exact - timedelta(microseconds=1)  # past the memo's end, within the exact hour
+    recorder.observe(now=late, key=records[0], ip="192.0.2.20", required=[])
+    assert recorder.pending == 0  # no write: the stored sighting is still within its hour
+    recorder.observe(now=exact, key=records[0], ip="192.0.2.20", required=[])
+    assert recorder.pending == 1  # the hour is over: last_seen is due for a write
+
+
 async def test_an_ip_seen_long_ago_is_new_again(
     ws: WorkspaceHandle, recorder: ActivityRecorder, clock: OffsetClock
 ) -> None:

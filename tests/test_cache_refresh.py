@@ -219,6 +219,33 @@ async def test_a_refresh_confirms_only_what_it_checked(
     assert renewed is first and first.fresh_until > 0.0  # confirmed by its chunk
 
 
+async def test_entries_share_their_fresh_until_floats(app: Starlette, ws: WorkspaceHandle) -> None:
+    """Keys filled within FILL_UNTIL_SHARED of one another hold one float for the end of their
+    freshness, the first fill's (so an entry is fresh a little less long, never longer), and
+    keys that a refresh confirms in one chunk hold that chunk's float: a verification then reads
+    no float of its entry's own."""
+    cache = cache_of(app)
+    keys = [await ws.create_key() for _ in range(3)]
+    started = time.monotonic()
+    for _, secret in keys:
+        assert await cache.get(hash_secret(secret)) is not None
+    entries = [cache.fresh(hash_secret(secret)) for _, secret in keys]
+    assert all(entry is not None for entry in entries)
+    ends = [entry.fresh_until for entry in entries if entry is not None]
+    if time.monotonic() - started < cache_module.FILL_UNTIL_SHARED:  # not on a stalled machine
+        assert ends[0] is ends[1] is ends[2]
+    assert started + cache._ttl <= min(ends) and max(ends) <= time.monotonic() + cache._ttl
+    for entry in entries:
+        assert entry is not None
+        entry.fresh_until = 0.0  # as if its two refresh periods were over
+    assert await cache.refresh() == (3, 0)
+    renewed = [cache.fresh(hash_secret(secret)) for _, secret in keys]
+    assert renewed == entries
+    chunk = cache._slots.until[0]
+    assert chunk > time.monotonic()
+    assert all(entry is not None and entry.fresh_until is chunk for entry in entries)
+
+
 async def test_a_clear_stops_a_refresh(
     app: Starlette, ws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -22,7 +22,7 @@ from starlette.applications import Starlette
 
 from app.cache import record_from_model
 from app.tokens import KeyType, mint_token
-from app.usage import UsageRecorder
+from app.usage import UsageRecorder, _ints
 from models import ApiKey, Denial, UsageBucket
 from tests.conftest import make_workspace
 from tests.support import OffsetClock, WorkspaceHandle, verify
@@ -567,3 +567,9 @@ async def test_a_bug_in_the_roll_up_neither_stops_the_flushes_nor_loses_counts_a
         await own.stop()
     assert rollups == 1 and own.pending_requests == 0
     assert sum(b.total_requests for b in await UsageBucket.filter(key_id=key_id)) == 12
+
+
+def test_int_columns_are_formatted_as_postgresql_splits_them() -> None:
+    """The flush's integer columns: comma-separated decimal texts, as `str` would write them."""
+    for values in ([], [0], [1, 2, 0, 10**12, 2**63 - 1], list(range(-3, 300))):
+        assert _ints(values) == ",".join(str(value) for value in values)
