@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint unit bench bench-instructions schema constraints clean
+.PHONY: run test lint unit bench bench-instructions bench-timed schema constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: $(STAMP)
 bench-instructions: $(STAMP)
 	command -v valgrind >/dev/null || { apt-get update && apt-get install -y valgrind; }
 	$(BIN)/python -m bench.instructions
+
+# The same verification case timed in process, 1,000 against 100,000 keys (about a minute).
+bench-timed: $(STAMP)
+	$(BIN)/python -m bench.instructions timed
 
 # Pin what .venv holds now (after upgrading it and passing `make test`).
 constraints: $(STAMP)

@@ -22,6 +22,12 @@ only within that C function (`--toggle-collect`). Nothing else in the child call
 The three cases run at once, one valgrind each; the 100,000-key case takes about 30 minutes
 (the fill and two passes before the measured part run under valgrind too).
 
+`timed` (`make bench-timed`, about a minute): the `verify` case timed, not counted, without
+valgrind, each request's scope and token made for it as a server's are. Counts miss what the
+timed difference is mostly made of: reading a key's objects, scattered over the heap, from
+memory (2026-11-28, `2be40e9`: 9.4 against 13.4 us a verification, 1,000 against 100,000 keys,
+where the instructions differ by 10%).
+
 Settings (environment): BENCH_INSTR_HOT (100000), BENCH_INSTR_MEASURED (28000).
 """
 
@@ -31,9 +37,11 @@ import functools
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -43,6 +51,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 FLUSH_EVERY = 7000
 FILL_BATCH = 14  # keys per fill query, as the bench's warm-up gets them (README)
+TIMED_PAIRS = 3  # `timed`: runs of each case, alternating
+TIMED_ROUNDS = 15  # `timed`: timed passes of the measured part per run
+_CHILD_ENV = {
+    "KEYPLANE_DATABASE_URL": "postgres://bench:unused@127.0.0.1:1/none",
+    "KEYPLANE_CACHE_REFRESH_SECONDS": "1000000",  # no entry goes stale during the run
+}
 EVENTS = ("Ir", "Dr", "D1mr", "DLmr", "Dw", "D1mw", "DLmw")
 
 
@@ -80,7 +94,9 @@ def _row(index: int) -> dict[str, Any]:
     }
 
 
-def _child_verify(hot: int, measured: int) -> None:
+def _child_verify(hot: int, measured: int, timed_rounds: int = 0) -> None:
+    """The `verify` case; with `timed_rounds`, the measured part is timed that many times (no
+    valgrind) and the median printed, each request's scope made afresh as a server's is."""
     from app import usage as usage_module
     from app.activity import ActivityRecorder
     from app.cache import KeyCache, record_from_row
@@ -134,10 +150,19 @@ def _child_verify(hot: int, measured: int) -> None:
         activity._ips = {}
 
     done = 0
+    afresh = False  # timed: each request's scope and token made for it (`verify`)
+    template = {name: value for name, value in scopes[0].items() if name != "headers"}
+    token_bytes = [token.encode() for token in tokens] if timed_rounds else []
 
     def verify(index: int) -> None:
         nonlocal done
-        _drive(endpoint(scopes[index], receive, send))
+        if afresh:  # as in a server: new, and in the CPU's caches (not one more object per key)
+            token = bytes(bytearray(token_bytes[index]))  # a copy, as read off a socket
+            headers = [(b"host", b"127.0.0.1:8000"), (b"x-api-key", token)]
+            scope = {**template, "headers": headers}
+        else:
+            scope = scopes[index]
+        _drive(endpoint(scope, receive, send))
         done += 1
         if done % FLUSH_EVERY == 0:
             flush()
@@ -164,6 +189,15 @@ def _child_verify(hot: int, measured: int) -> None:
             verify(position)
 
     hits = cache.hits
+    if timed_rounds:
+        afresh = True
+        times = []
+        for _ in range(timed_rounds):
+            started = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - started) / measured * 1e6)
+        print(f"{hot} keys: {statistics.median(times):.2f} us a verification")
+        return
     _measured(run)
     assert cache.misses == 0, "every measured verification must be a cache hit"
     print(f"measured {measured} verifications: {cache.hits - hits} cache hits")
@@ -213,12 +247,7 @@ def _child_flush(keys: int, rounds: int) -> None:
 def _callgrind(args: list[str], workdir: Path, name: str) -> dict[str, int]:
     """Run this module's child mode `args` under callgrind; the events it collected."""
     out = workdir / f"{name}.callgrind"
-    env = {
-        **os.environ,
-        "PYTHONHASHSEED": "0",
-        "KEYPLANE_DATABASE_URL": "postgres://bench:unused@127.0.0.1:1/none",
-        "KEYPLANE_CACHE_REFRESH_SECONDS": "1000000",  # no entry goes stale during the run
-    }
+    env = {**os.environ, "PYTHONHASHSEED": "0", **_CHILD_ENV}
     subprocess.run(
         [
             "valgrind",
@@ -269,9 +298,42 @@ def main() -> int:
     return 0
 
 
+def timed() -> int:
+    """`make bench-timed`: the `verify` case timed instead of counted, no valgrind. The 1,000-key
+    and the large case run one after the other, TIMED_PAIRS times, each in a new process;
+    printed: each run's median time per verification and the ratio of the medians."""
+    hot = int(os.environ.get("BENCH_INSTR_HOT", "100000"))
+    measured = int(os.environ.get("BENCH_INSTR_MEASURED", "28000"))
+    env = {**os.environ, **_CHILD_ENV}
+    figures: dict[int, list[float]] = {1000: [], hot: []}
+    for _ in range(TIMED_PAIRS):
+        for keys, times in figures.items():
+            args = ["verify", str(keys), str(measured), str(TIMED_ROUNDS)]
+            done = subprocess.run(
+                [sys.executable, "-m", "bench.instructions", *args],
+                cwd=ROOT,
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            print(done.stdout.strip(), flush=True)
+            times.append(float(done.stdout.split(":")[1].split()[0]))
+    small, large = (statistics.median(times) for times in figures.values())
+    print(
+        f"median us a verification: 1,000 keys {small:.2f}, {hot:,} keys {large:.2f} "
+        f"(+{large - small:.2f} us, {large / small:.3f}x)"
+    )
+    return 0
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "verify":
-        _child_verify(int(sys.argv[2]), int(sys.argv[3]))
+        _child_verify(
+            int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4:5][0] if sys.argv[4:5] else 0)
+        )
+    elif len(sys.argv) > 1 and sys.argv[1] == "timed":
+        sys.exit(timed())
     elif len(sys.argv) > 1 and sys.argv[1] == "flush":
         _child_flush(int(sys.argv[2]), int(sys.argv[3]))
     else:

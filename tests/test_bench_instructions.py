@@ -37,3 +37,11 @@ def test_the_verify_case_measures_cache_hits_only() -> None:
 
 def test_the_flush_case_measures_updates_by_row_id() -> None:
     assert _child("flush", "500", "2") == "flushed 2 times: 1000 rows by row ID, 0 upserted"
+
+
+def test_the_timed_verify_case_prints_its_median_time() -> None:
+    """`make bench-timed` reads the figure after the colon of this line."""
+    shown = _child("verify", "300", "1000", "2")
+    name, figure = shown.split(":")
+    assert name == "300 keys" and figure.endswith(" us a verification")
+    assert float(figure.split()[0]) > 0
