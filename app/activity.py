@@ -25,7 +25,7 @@ logger = logging.getLogger("keyplane.activity")
 MAX_BUFFERED = 50_000
 MAX_ANOMALIES_PER_KEY_PER_FLUSH = 20
 MAX_REMEMBERED = 200_000  # written (key, IP) and (key, permission) pairs kept in memory
-MAX_SHARED_UNTILS = 1000
+MAX_SHARED_UNTILS = 1000  # minutes kept for memos to share (`_shared_until`); then start over
 LAST_SEEN_PRECISION = timedelta(hours=1)  # NEW_IP works in days: last_seen needs no more
 # Keys named per read of what the database already knows: a flush can hold MAX_BUFFERED keys, more
 # than one statement may bind (PostgreSQL: 32,767 parameters; SQLite: 32,766 by default).

@@ -69,7 +69,7 @@ RECENCY_ROUNDS = 8
 # Entries share the float objects of their fresh_until times: the fills of one such window share
 # one (`KeyCache._store`), the keys a refresh confirms in one chunk another (`_Slots`). A float
 # of its own per entry was one more object for a hit to read from memory, about 0.3 us of cache
-# misses a verification with 100,000 keys in use (in process, `bench/instructions.py`'s setup).
+# misses a verification with 100,000 keys in use (in process: `make bench-timed`).
 FILL_UNTIL_SHARED = 0.5  # seconds
 LOOKUP_TIMEOUT_SECONDS = 2.0  # a request-path lookup; a healthy one takes milliseconds
 MAX_STUCK_LOOKUPS = 1000  # timed-out lookups still running; beyond this, fail at once

@@ -298,25 +298,29 @@ def main() -> int:
     return 0
 
 
+def child(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one of this module's child modes without valgrind; its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "bench.instructions", *args],
+        cwd=ROOT,
+        env={**os.environ, **_CHILD_ENV},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def timed() -> int:
     """`make bench-timed`: the `verify` case timed instead of counted, no valgrind. The 1,000-key
     and the large case run one after the other, TIMED_PAIRS times, each in a new process;
     printed: each run's median time per verification and the ratio of the medians."""
     hot = int(os.environ.get("BENCH_INSTR_HOT", "100000"))
     measured = int(os.environ.get("BENCH_INSTR_MEASURED", "28000"))
-    env = {**os.environ, **_CHILD_ENV}
     figures: dict[int, list[float]] = {1000: [], hot: []}
     for _ in range(TIMED_PAIRS):
         for keys, times in figures.items():
-            args = ["verify", str(keys), str(measured), str(TIMED_ROUNDS)]
-            done = subprocess.run(
-                [sys.executable, "-m", "bench.instructions", *args],
-                cwd=ROOT,
-                env=env,
-                check=True,
-                capture_output=True,
-                text=True,
-            )
+            done = child("verify", str(keys), str(measured), str(TIMED_ROUNDS))
+            assert done.returncode == 0, done.stderr
             print(done.stdout.strip(), flush=True)
             times.append(float(done.stdout.split(":")[1].split()[0]))
     small, large = (statistics.median(times) for times in figures.values())

@@ -1,32 +1,16 @@
 """`make bench-instructions` counts what its child modes run (bench/instructions.py). They reach
 into the usage recorder's and the key cache's private parts, so a change there can break them
 without failing anything else: run both, small and without valgrind, and check that they
-measured what they say (every verification a cache hit; every flushed row by row ID)."""
+measured what they say (every verification a cache hit; every flushed row by row ID), and that
+the timed case prints the figure `make bench-timed` reads."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench.instructions import child
 
 
 def _child(*args: str) -> str:
-    env = {
-        **os.environ,
-        "KEYPLANE_DATABASE_URL": "postgres://bench:unused@127.0.0.1:1/none",
-        "KEYPLANE_CACHE_REFRESH_SECONDS": "1000000",
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.instructions", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = child(*args, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
