@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from app.background import Periodic
+from app.cache import shared
 from app.clock import Clock
 from app.db import DATABASE_ERRORS, transaction
 from app.net import Address, ip_allowed, parse_address
@@ -25,7 +26,6 @@ logger = logging.getLogger("keyplane.activity")
 MAX_BUFFERED = 50_000
 MAX_ANOMALIES_PER_KEY_PER_FLUSH = 20
 MAX_REMEMBERED = 200_000  # written (key, IP) and (key, permission) pairs kept in memory
-MAX_SHARED_UNTILS = 1000  # minutes kept for memos to share (`_shared_until`); then start over
 LAST_SEEN_PRECISION = timedelta(hours=1)  # NEW_IP works in days: last_seen needs no more
 # Keys named per read of what the database already knows: a flush can hold MAX_BUFFERED keys, more
 # than one statement may bind (PostgreSQL: 32,767 parameters; SQLite: 32,766 by default).
@@ -135,12 +135,7 @@ class ActivityRecorder:
         """`until` cut to the minute (a memo ends up to a minute early: one more lookup), as an
         object that every memo ending in that minute shares."""
         minute = until.replace(second=0, microsecond=0)
-        shared = self._untils.get(minute)
-        if shared is None:
-            if len(self._untils) >= MAX_SHARED_UNTILS:
-                self._untils.clear()
-            shared = self._untils[minute] = minute
-        return shared
+        return shared(self._untils, minute, lambda: minute)
 
     async def flush(self) -> int:
         """Write buffered observations; returns the number of anomalies detected. On a database

@@ -39,7 +39,7 @@ import sys
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -218,8 +218,9 @@ class _Slots:
 # environment's IDs, a permission set, an environment's origins. A cached key is then about half
 # as many objects (with 100,000 keys cached, ~90 MB less heap), and the verifier's checks of the
 # status and type compare a string with itself instead of reading one more object per key.
+_K = TypeVar("_K", bound=Hashable)
 _T = TypeVar("_T")
-SHARED_SETS_MAX = 10_000  # distinct permission or origin sets kept for sharing; then start over
+SHARED_SETS_MAX = 10_000  # distinct values a sharing table keeps (`shared`); then start over
 _EMPTY: frozenset[str] = frozenset()
 _shared_permissions: dict[frozenset[str], tuple[frozenset[str], tuple[str, ...]]] = {}
 _shared_origins: dict[frozenset[str], frozenset[str]] = {}
@@ -229,15 +230,15 @@ def _text(value: object) -> str:
     return sys.intern(str(value))
 
 
-def _share(table: dict[frozenset[str], _T], key: frozenset[str], make: Callable[[], _T]) -> _T:
+def shared(table: dict[_K, _T], key: _K, make: Callable[[], _T]) -> _T:
     """The value `table` shares for `key`, made on first use; the table starts over at
-    SHARED_SETS_MAX."""
-    shared = table.get(key)
-    if shared is None:
+    SHARED_SETS_MAX. (Also the activity memos' shared end times, `app.activity`.)"""
+    value = table.get(key)
+    if value is None:
         if len(table) >= SHARED_SETS_MAX:
             table.clear()
-        shared = table[key] = make()
-    return shared
+        value = table[key] = make()
+    return value
 
 
 def _permissions(names: set[str]) -> tuple[frozenset[str], tuple[str, ...]]:
@@ -249,7 +250,7 @@ def _permissions(names: set[str]) -> tuple[frozenset[str], tuple[str, ...]]:
         listed = tuple(_text(name) for name in sorted(names))
         return frozenset(listed), listed
 
-    return _share(_shared_permissions, frozenset(names), make)
+    return shared(_shared_permissions, frozenset(names), make)
 
 
 def _origins(values: Any) -> frozenset[str]:
@@ -257,7 +258,7 @@ def _origins(values: Any) -> frozenset[str]:
     if not values:
         return _EMPTY
     key = frozenset(values)
-    return _share(_shared_origins, key, lambda: key)
+    return shared(_shared_origins, key, lambda: key)
 
 
 def record_from_model(key: ApiKey) -> KeyRecord:
@@ -535,9 +536,9 @@ class KeyCache:
         if record is not None:
             # Fills within FILL_UNTIL_SHARED of one another keep the first one's float (fresh a
             # little less long, never longer): a hit then reads no float of its entry's own.
-            shared = self._fill_until
-            if shared <= until < shared + FILL_UNTIL_SHARED:
-                until = shared
+            first = self._fill_until
+            if first <= until < first + FILL_UNTIL_SHARED:
+                until = first
             else:
                 self._fill_until = until
         slot = self._slots.take(secret_hash, record.key_pk, source) if record is not None else -1

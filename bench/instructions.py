@@ -189,18 +189,20 @@ def _child_verify(hot: int, measured: int, timed_rounds: int = 0) -> None:
             verify(position)
 
     hits = cache.hits
+    times = []
     if timed_rounds:
         afresh = True
-        times = []
         for _ in range(timed_rounds):
             started = time.perf_counter()
             run()
             times.append((time.perf_counter() - started) / measured * 1e6)
-        print(f"{hot} keys: {statistics.median(times):.2f} us a verification")
-        return
-    _measured(run)
+    else:
+        _measured(run)
     assert cache.misses == 0, "every measured verification must be a cache hit"
-    print(f"measured {measured} verifications: {cache.hits - hits} cache hits")
+    if timed_rounds:
+        print(f"{hot} keys: {statistics.median(times):.2f} us a verification")
+    else:
+        print(f"measured {measured} verifications: {cache.hits - hits} cache hits")
 
 
 def _child_flush(keys: int, rounds: int) -> None:
@@ -256,10 +258,7 @@ def _callgrind(args: list[str], workdir: Path, name: str) -> dict[str, int]:
             "--collect-atstart=no",
             "--toggle-collect=functools_reduce",
             f"--callgrind-out-file={out}",
-            sys.executable,
-            "-m",
-            "bench.instructions",
-            *args,
+            *_child_command(args),
         ],
         cwd=ROOT,
         env=env,
@@ -298,10 +297,14 @@ def main() -> int:
     return 0
 
 
+def _child_command(args: list[str] | tuple[str, ...]) -> list[str]:
+    return [sys.executable, "-m", "bench.instructions", *args]
+
+
 def child(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
     """Run one of this module's child modes without valgrind; its output as text."""
     return subprocess.run(
-        [sys.executable, "-m", "bench.instructions", *args],
+        _child_command(args),
         cwd=ROOT,
         env={**os.environ, **_CHILD_ENV},
         capture_output=True,
@@ -316,14 +319,14 @@ def timed() -> int:
     printed: each run's median time per verification and the ratio of the medians."""
     hot = int(os.environ.get("BENCH_INSTR_HOT", "100000"))
     measured = int(os.environ.get("BENCH_INSTR_MEASURED", "28000"))
-    figures: dict[int, list[float]] = {1000: [], hot: []}
+    figures: list[tuple[int, list[float]]] = [(1000, []), (hot, [])]
     for _ in range(TIMED_PAIRS):
-        for keys, times in figures.items():
+        for keys, times in figures:
             done = child("verify", str(keys), str(measured), str(TIMED_ROUNDS))
             assert done.returncode == 0, done.stderr
             print(done.stdout.strip(), flush=True)
             times.append(float(done.stdout.split(":")[1].split()[0]))
-    small, large = (statistics.median(times) for times in figures.values())
+    small, large = (statistics.median(times) for _, times in figures)
     print(
         f"median us a verification: 1,000 keys {small:.2f}, {hot:,} keys {large:.2f} "
         f"(+{large - small:.2f} us, {large / small:.3f}x)"
@@ -334,7 +337,7 @@ def timed() -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "verify":
         _child_verify(
-            int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4:5][0] if sys.argv[4:5] else 0)
+            int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 0
         )
     elif len(sys.argv) > 1 and sys.argv[1] == "timed":
         sys.exit(timed())
