@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -26,11 +27,41 @@ def _bin(name: str) -> str:
     return candidates[-1]
 
 
+# Ports already handed out by this process: a server may not have bound its port yet.
+_handed_out: set[int] = set()
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of ephemeral ports: the ports it gives outgoing connections."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A loopback port that is free now, for a server the caller starts next.
+
+    It is picked below the kernel's ephemeral range, so an outgoing connection made before the
+    server binds it (this test's own, or PostgreSQL's) cannot take it, as one can a port that
+    `bind(("127.0.0.1", 0))` picked; and it is never handed out twice by this process."""
+    low, _ = ephemeral_range()
+    start = max(10000, low - 10000)
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(start, low) if start < low else 0
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = sock.getsockname()[1]
+        _handed_out.add(port)
         return port
+    raise RuntimeError(f"no free loopback port found in {start}-{low - 1}")
 
 
 class PostgresServer:

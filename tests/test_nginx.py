@@ -60,15 +60,6 @@ def readme_snippet() -> str:
     return snippet
 
 
-def _free_ports(count: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
 @contextmanager
 def run_nginx(binary: str, keyplane_url: str, prefix: Path) -> Iterator[str]:
     """Run nginx with the README snippet against `keyplane_url`; yields the gateway's URL."""
@@ -76,7 +67,7 @@ def run_nginx(binary: str, keyplane_url: str, prefix: Path) -> Iterator[str]:
     assert "http://127.0.0.1:8000/v1/verify" in snippet
     snippet = snippet.replace("http://127.0.0.1:8000", keyplane_url)
     prefix.mkdir(parents=True, exist_ok=True)
-    port, backend_port = _free_ports(2)
+    port, backend_port = free_port(), free_port()  # never the same port twice
     user = "user root;" if os.geteuid() == 0 else ""
     conf = prefix / "nginx.conf"
     conf.write_text(
