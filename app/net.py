@@ -131,8 +131,11 @@ def resolve_client_ip(
 
     Only when the direct peer is a trusted proxy is X-Forwarded-For believed: its entries are
     read right to left, trusted proxies skipped, and the first untrusted one is the client.
-    Several headers count as one list, in order. A malformed entry stops the walk: it can only
-    have come from an untrusted hop, so the last good address before it is the client.
+    Several headers count as one list, in order; empty entries are skipped. An entry that is not
+    an address (`unknown`, `unix:`, a host name) where the client should be makes the client
+    unknown (None), so no allowlist passes: the hop that wrote it could not say who its client
+    was, and taking the trusted hop to its right instead would let every such caller pass an
+    allowlist of the proxies' own private addresses.
     """
     peer_address = parse_address(peer) if peer else None
     if not is_trusted(peer_address, trusted):
@@ -141,14 +144,10 @@ def resolve_client_ip(
     entries = [e.strip() for e in entries if e.strip()]
     if not entries:
         return peer_address
-    last_trusted: Address | None = peer_address
     for raw in reversed(entries):
         address = parse_address(raw)
-        if address is None:
-            return last_trusted
-        if not is_trusted(address, trusted):
+        if address is None or not is_trusted(address, trusted):
             return address
-        last_trusted = address
     # Every entry is a trusted address: the first (leftmost) one is the client.
     return parse_address(entries[0])
 

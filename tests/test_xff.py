@@ -5,10 +5,11 @@ Each case is checked twice: `resolve_client_ip` directly, and `/v1/verify` throu
 with a key whose allowlist is exactly the expected client (VALID) and a key whose allowlist holds
 only the addresses that must not count as the client (IP_NOT_ALLOWED).
 
-Entries that are not IP addresses (`unknown`, host names, CIDRs, unclosed brackets) stop the
-right-to-left walk, and the last trusted hop before them (the peer when it is the rightmost
-entry) is the client: app/net.py's documented rule, which the contract leaves open. Empty
-entries and empty headers are skipped. Neither can make a spoofed address pass an allowlist.
+An entry that is not an IP address (`unknown`, `unix:`, host names, CIDRs, unclosed brackets)
+where the right-to-left walk looks for the client makes the client unknown, so no allowlist
+passes, not even one of the proxies' own addresses: app/net.py's documented rule, which the
+contract leaves open (it names the first untrusted *address*). Empty entries and empty headers
+are skipped. Neither can make a spoofed address pass an allowlist.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Case:
     id: str
     peer: str
     forwarded: tuple[str, ...]  # X-Forwarded-For headers, in the order they are sent
-    client: str  # the address Keyplane must take as the client
+    client: str | None  # the address Keyplane must take as the client; None: unknown
     others: tuple[str, ...] = ()  # allowlist entries that must NOT match (spoofs, proxies)
 
 
@@ -159,34 +160,49 @@ CASES = [
         ("10.0.0.9",),
     ),
     # Entries that are not addresses: never the client, never let what is left of them pass.
-    Case("garbage-only", PROXY, ("unknown",), PROXY),
-    Case("garbage-right-of-spoof", PROXY, ("198.51.100.7, unknown",), PROXY, ("198.51.100.7",)),
+    Case("garbage-only", PROXY, ("unknown",), None, (PROXY,)),
+    Case("unix-socket-hop", PROXY, ("unix:",), None, (PROXY, "10.0.0.0/8")),
+    Case(
+        "garbage-right-of-spoof", PROXY, ("198.51.100.7, unknown",), None, ("198.51.100.7", PROXY)
+    ),
     Case(
         "garbage-between",
         "10.0.0.4",
         ("198.51.100.7, not-an-ip, 10.0.0.3",),
-        "10.0.0.3",
-        ("198.51.100.7", "10.0.0.4"),
+        None,
+        ("198.51.100.7", "10.0.0.3", "10.0.0.4"),
     ),
     Case("garbage-left-of-client", PROXY, ("unknown, 198.51.100.7",), "198.51.100.7", (PROXY,)),
     Case(
         "garbage-left-of-trusted",
         "10.0.0.4",
         ("not-an-ip, 10.0.0.2, 10.0.0.3",),
-        "10.0.0.2",
-        ("10.0.0.3", "10.0.0.4"),
+        None,
+        ("10.0.0.2", "10.0.0.3", "10.0.0.4"),
     ),
-    Case("hostname", PROXY, ("198.51.100.7, client.example.com",), PROXY, ("198.51.100.7",)),
-    Case("cidr-entry", PROXY, ("198.51.100.0/24",), PROXY, ("198.51.100.0/24",)),
-    Case("unclosed-bracket", PROXY, ("[2001:db8::1",), PROXY, ("2001:db8::/32",)),
+    Case(
+        "hostname",
+        PROXY,
+        ("198.51.100.7, client.example.com",),
+        None,
+        ("198.51.100.7", PROXY),
+    ),
+    Case("cidr-entry", PROXY, ("198.51.100.0/24",), None, ("198.51.100.0/24", PROXY)),
+    Case("unclosed-bracket", PROXY, ("[2001:db8::1",), None, ("2001:db8::/32", PROXY)),
     Case(
         "space-not-comma",
         PROXY,
         ("203.0.113.66 198.51.100.7",),
-        PROXY,
-        ("203.0.113.66", "198.51.100.7"),
+        None,
+        ("203.0.113.66", "198.51.100.7", PROXY),
     ),
-    Case("leading-zeros", PROXY, ("198.051.100.007",), PROXY, ("198.51.100.7", "198.41.100.7")),
+    Case(
+        "leading-zeros",
+        PROXY,
+        ("198.051.100.007",),
+        None,
+        ("198.51.100.7", "198.41.100.7", PROXY),
+    ),
     Case(
         "empty-entry-skipped",
         "10.0.0.4",
@@ -225,8 +241,12 @@ def test_resolve_client_ip(
     case: Case, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 ) -> None:
     resolved = resolve_client_ip(case.peer, list(case.forwarded), trusted)
-    assert resolved == ipaddress.ip_address(case.client)
-    assert ip_allowed(resolved, compile_allowlist([case.client]))
+    if case.client is None:
+        assert resolved is None
+        assert not ip_allowed(resolved, compile_allowlist(["0.0.0.0/0", "::/0"]))
+    else:
+        assert resolved == ipaddress.ip_address(case.client)
+        assert ip_allowed(resolved, compile_allowlist([case.client]))
     for other in case.others:
         assert not ip_allowed(resolved, compile_allowlist([other])), other
 
@@ -264,9 +284,14 @@ async def _key_allowing(ws: WorkspaceHandle, ips: list[str]) -> str:
 async def test_verify_uses_the_resolved_client_for_the_allowlist(
     app: Starlette, ws: WorkspaceHandle, case: Case
 ) -> None:
-    secret = await _key_allowing(ws, [case.client])
-    response = await _verify_from(app, case.peer, secret, case.forwarded)
-    assert (response.status_code, response.json()["code"]) == (200, "VALID"), response.text
+    if case.client is None:  # unknown: even an allowlist of every address refuses
+        secret = await _key_allowing(ws, ["0.0.0.0/0", "::/0"])
+        response = await _verify_from(app, case.peer, secret, case.forwarded)
+        assert response.json()["code"] == "IP_NOT_ALLOWED", response.text
+    else:
+        secret = await _key_allowing(ws, [case.client])
+        response = await _verify_from(app, case.peer, secret, case.forwarded)
+        assert (response.status_code, response.json()["code"]) == (200, "VALID"), response.text
     if not case.others:
         return
     secret = await _key_allowing(ws, list(case.others))
