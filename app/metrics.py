@@ -132,7 +132,7 @@ class Metrics:
                 usage.flush_failures,
             ),
         ):
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value!r}"]
         return "\n".join(lines) + "\n"
 
 

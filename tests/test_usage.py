@@ -431,6 +431,21 @@ async def test_metrics_count_verifications_by_code(app: Starlette, ws: Workspace
     assert secret not in text
 
 
+async def test_metrics_print_large_counters_exactly(app: Starlette, ws: WorkspaceHandle) -> None:
+    """Prometheus takes rates of counters: a busy server's counts must not be rounded to six
+    significant digits (`1.23457e+07`)."""
+    cache = app.state.key_cache
+    cache.hits += 12_345_678  # as if the server had answered that many from memory
+    try:
+        lines = (await ws.client.get("/metrics")).text.splitlines()
+        line = next(x for x in lines if x.startswith("keyplane_cache_hits_total "))
+        assert int(line.split()[1]) == cache.hits
+        ratio = next(x for x in lines if x.startswith("keyplane_cache_hit_ratio "))
+        assert float(ratio.split()[1]) == cache.hits / (cache.hits + cache.misses)
+    finally:
+        cache.hits -= 12_345_678
+
+
 async def test_clean_shutdown_writes_every_count(
     database_url: str, client: httpx.AsyncClient, clock: OffsetClock, ws: WorkspaceHandle
 ) -> None:
