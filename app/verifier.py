@@ -11,7 +11,8 @@ Check order (CONTRACT §4), the same whichever way the key arrives:
 6. expired                           → EXPIRED
 7. client IP not on the allowlist    → IP_NOT_ALLOWED
 8. Origin not authorized             → ORIGIN_NOT_ALLOWED (CLIENT_SIDE keys only)
-9. a required permission not held    → INSUFFICIENT_PERMISSIONS
+9. a required permission not held,   → INSUFFICIENT_PERMISSIONS
+   or the requirements unreadable (fail closed: a body that may have named some)
 10. otherwise                        → VALID
 """
 
@@ -133,6 +134,10 @@ class RequestFacts:
     client_ip: Address | None
     origin: str | None  # normalised (app.net.normalise_origin), None when absent or invalid
     required: tuple[str, ...] = ()
+    # Set when the request may have named requirements that could not be read (a POST body
+    # that is not a JSON object, or whose `permissions` is not a list of strings): what was
+    # wrong, never the content. Refused at step 9, as a requirement that is not held.
+    unreadable: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +218,12 @@ def judge(facts: RequestFacts, record: KeyRecord | None, now: datetime) -> Decis
         facts.origin is None or facts.origin not in record.authorized_origins
     ):
         return _decide(Code.ORIGIN_NOT_ALLOWED, record)
+    if facts.unreadable is not None:
+        return _decide(
+            Code.INSUFFICIENT_PERMISSIONS,
+            record,
+            f"Required permissions could not be read: {facts.unreadable}",
+        )
     if facts.required:
         missing = missing_permissions(record.permissions, facts.required)
         if missing:

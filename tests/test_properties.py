@@ -544,7 +544,11 @@ def facts_for(draw: st.DrawFn, record: KeyRecord) -> RequestFacts:
     if own:
         asked = asked | st.sampled_from(own) | st.sampled_from(own).map(lambda p: p[:-1] + "x")
     required = tuple(draw(st.lists(asked, max_size=3)))
-    return RequestFacts(token=token, client_ip=client_ip, origin=origin, required=required)
+    # Now and then a body whose requirements could not be read (app.http.verify): fail closed.
+    unreadable = draw(st.sampled_from([None] * 8 + ["the request body is not valid JSON"]))
+    return RequestFacts(
+        token=token, client_ip=client_ip, origin=origin, required=required, unreadable=unreadable
+    )
 
 
 cases = records().flatmap(lambda r: st.tuples(st.just(r), facts_for(r)))
@@ -582,6 +586,8 @@ def expected_code(facts: RequestFacts, record: KeyRecord | None) -> Code:
         return Code.IP_NOT_ALLOWED
     if record.key_type == "CLIENT_SIDE" and facts.origin not in record.authorized_origins:
         return Code.ORIGIN_NOT_ALLOWED
+    if facts.unreadable is not None:  # requirements that could not be read are not held
+        return Code.INSUFFICIENT_PERMISSIONS
     if not all(covered(record.permissions, r) for r in facts.required):
         return Code.INSUFFICIENT_PERMISSIONS
     return Code.VALID
@@ -680,6 +686,7 @@ def test_dead_stays_dead_whatever_the_other_inputs(
         client_ip=facts.client_ip,
         origin=origin_pool[variant % len(origin_pool)],
         required=() if variant < 2 else facts.required,
+        unreadable=None if variant < 3 else facts.unreadable,
     )
     decision = verify(request, generous, NOW)
     assert decision.code in {Code.DISABLED, Code.REVOKED, Code.EXPIRED}

@@ -4,27 +4,127 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
+import pytest
 from starlette.applications import Starlette
 
 from tests.support import WorkspaceHandle
 
 
-async def test_an_oversized_body_counts_as_no_body(app: Starlette, ws: WorkspaceHandle) -> None:
+async def test_an_oversized_body_is_not_read_and_fails_closed(
+    app: Starlette, ws: WorkspaceHandle
+) -> None:
     _, secret = await ws.create_key(permissions=["a"])
     limit = app.state.settings.max_body_bytes
     padded = json.dumps({"key": secret, "pad": "x" * limit})
     response = await ws.client.post("/v1/verify", content=padded)
     assert response.json()["code"] == "MISSING_KEY"  # the body was not read for a key
-    # The same key in a header with an oversized body asking for a permission it lacks: the
-    # body's permissions are ignored, so the key is VALID.
+    # The same key in a header, with an oversized body that may name permissions: they cannot
+    # be read, so they count as not held.
     response = await ws.client.post(
         "/v1/verify",
         headers={"X-API-Key": secret},
         content=json.dumps({"permissions": ["zzz"], "pad": "x" * limit}),
     )
+    assert (response.status_code, response.json()["code"]) == (403, "INSUFFICIENT_PERMISSIONS")
+    assert response.json()["message"] == (
+        f"Required permissions could not be read: the request body is over {limit} bytes"
+    )
+
+
+SET_STATUS = "mutation($id: ID!, $s: KeyStatus!) { setStatus(id: $id, status: $s) { __typename } }"
+SET_ALLOWED_IPS = (
+    "mutation($id: ID!, $ips: [String!]!) { setAllowedIps(id: $id, ips: $ips) { __typename } }"
+)
+
+# (body, whether the key goes in a header, what the message must say was wrong)
+UNREADABLE = [
+    ("string", {"permissions": "b"}, False, "the body's permissions is a string"),
+    ("nested", {"permissions": [["b"]]}, False, "the body's permissions list holds a list"),
+    (
+        "held-and-number",
+        {"permissions": ["a", 5]},
+        False,
+        "the body's permissions list holds a number",
+    ),
+    ("object", {"permissions": {"b": True}}, False, "the body's permissions is an object"),
+    ("not-json", b'{"permissions": ["b"],}', True, "the request body is not valid JSON"),
+    ("not-an-object", b'["b"]', True, "the request body is a list, not a JSON object"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "in_header", "wrong"),
+    [case[1:] for case in UNREADABLE],
+    ids=[case[0] for case in UNREADABLE],
+)
+async def test_body_permissions_that_cannot_be_read_fail_closed(
+    ws: WorkspaceHandle, body: dict[str, Any] | bytes, in_header: bool, wrong: str
+) -> None:
+    """A body that may name required permissions, but not as a list of strings, is refused as
+    if they were not held (the key holds `a`): it is never a VALID answer that skipped them.
+    The message names what was wrong, never the body's content."""
+    _, secret = await ws.create_key(permissions=["a"])
+    headers = {"X-API-Key": secret} if in_header else {}
+    content = json.dumps({"key": secret, **body}).encode() if isinstance(body, dict) else body
+    response = await ws.client.post("/v1/verify", headers=headers, content=content)
+    answer = response.json()
+    assert (response.status_code, answer["code"]) == (403, "INSUFFICIENT_PERMISSIONS")
+    assert answer["valid"] is False
+    assert answer["message"].startswith("Required permissions could not be read: " + wrong)
+    assert secret not in response.text and '"b"' not in answer["message"]
+
+
+async def test_readable_bodies_without_requirements_stay_valid(ws: WorkspaceHandle) -> None:
+    _, secret = await ws.create_key(permissions=["a"])
+    for body in (
+        {"key": secret},
+        {"key": secret, "permissions": None},
+        {"key": secret, "permissions": []},
+    ):
+        response = await ws.client.post("/v1/verify", json=body)
+        assert response.json()["code"] == "VALID", body
+    response = await ws.client.post("/v1/verify", json={"key": secret, "permissions": ["a"]})
     assert response.json()["code"] == "VALID"
+    response = await ws.client.post("/v1/verify", headers={"X-API-Key": secret}, content=b"")
+    assert response.json()["code"] == "VALID"  # an empty body is no body
+
+
+async def test_an_unreadable_body_is_refused_in_the_contracts_order(ws: WorkspaceHandle) -> None:
+    """The key's own checks come first (steps 4-8), the unreadable requirements at step 9."""
+    disabled_id, disabled = await ws.create_key()
+    await ws.q(SET_STATUS, {"id": disabled_id, "s": "DISABLED"})
+    fenced_id, fenced = await ws.create_key()
+    await ws.q(SET_ALLOWED_IPS, {"id": fenced_id, "ips": ["198.51.100.7"]})
+    for secret, expected in ((disabled, "DISABLED"), (fenced, "IP_NOT_ALLOWED")):
+        response = await ws.client.post(
+            "/v1/verify", headers={"X-API-Key": secret}, content=b"not json"
+        )
+        assert response.json()["code"] == expected
+
+
+@pytest.mark.parametrize("authorization", ["Bearer ", "Bearer    ", "bearer\t"])
+async def test_an_empty_bearer_falls_through_to_the_next_source(
+    ws: WorkspaceHandle, authorization: str
+) -> None:
+    """CONTRACT §4: `Bearer`, else `X-API-Key`, else the body. An empty one is no key, so the next
+    source is read (uvicorn strips trailing spaces off a header; the ASGI app must not depend on
+    it)."""
+    _, secret = await ws.create_key()
+    response = await ws.client.get(
+        "/v1/verify", headers={"Authorization": authorization, "X-API-Key": secret}
+    )
+    assert response.json()["code"] == "VALID"
+    response = await ws.client.post(
+        "/v1/verify",
+        headers={"Authorization": authorization, "X-API-Key": "  "},
+        json={"key": secret},
+    )
+    assert response.json()["code"] == "VALID"
+    response = await ws.client.get("/v1/verify", headers={"Authorization": authorization})
+    assert response.json()["code"] == "MISSING_KEY"
 
 
 async def test_a_body_sent_in_chunks_is_read_whole(ws: WorkspaceHandle) -> None:

@@ -11,9 +11,14 @@ This is the hot path, so it is a plain ASGI callable rather than a Starlette end
 the few headers it needs in one pass over the raw list, and writes the response messages itself.
 The steps, whichever way the key arrives:
 
-1. token: `Authorization: Bearer`, else `X-API-Key`, else the JSON body's `key`;
+1. token: `Authorization: Bearer`, else `X-API-Key`, else the JSON body's `key` (an empty
+   one counts as absent, so the next source is read);
    permissions: all of the body's `permissions`, `X-Required-Permissions` and `?permissions=`
-   (each alone is the contract's case; together, every one listed must be held);
+   (each alone is the contract's case; together, every one listed must be held). A POST body
+   that could have asked for permissions but cannot be read (not a JSON object, over
+   `KEYPLANE_MAX_BODY_BYTES`, or a `permissions` that is not a list of strings) fails closed:
+   the verifier refuses it as INSUFFICIENT_PERMISSIONS, after the key's own checks, and the
+   message names what was wrong, never the body's content;
    client IP: CONTRACT §4 (app.net.resolve_client_ip, memoised); Origin: normalised or none.
 2. a fresh key-cache entry for the token's SHA-256 answers at once (the cache only ever holds
    hashes of well-formed tokens, so a hit has passed the shape and checksum checks);
@@ -62,14 +67,44 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in value.split(",") if p.strip())
 
 
-def _body_json(raw: bytes) -> dict[str, Any]:
+def _body_json(raw: bytes) -> tuple[dict[str, Any], str | None]:
+    """The body as a JSON object, and what was wrong with it when it is not one."""
     if not raw:
-        return {}
+        return {}, None
     try:
         parsed = json.loads(raw)
     except (ValueError, RecursionError):
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
+        return {}, "the request body is not valid JSON"
+    if not isinstance(parsed, dict):
+        return {}, f"the request body is {_json_kind(parsed)}, not a JSON object"
+    return parsed, None
+
+
+def _json_kind(value: object) -> str:
+    """A JSON value's kind, for a message that must not repeat the value itself."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return "null"
+
+
+def _body_permissions(listed: object) -> tuple[tuple[str, ...], str | None]:
+    """The body's `permissions` (absent or null: none), or what is wrong with them."""
+    if listed is None:
+        return (), None
+    if not isinstance(listed, list):
+        return (), f"the body's permissions is {_json_kind(listed)}, not a list of strings"
+    for item in listed:
+        if not isinstance(item, str):
+            return (), f"the body's permissions list holds {_json_kind(item)}, not only strings"
+    return tuple(listed), None
 
 
 def body_of(decision: Decision) -> bytes:
@@ -141,21 +176,25 @@ class VerifyEndpoint:
             elif name == b"origin":
                 origin_header = value.decode("latin-1")
         method = scope["method"]
-        body = await self._read_body(receive) if method == "POST" and self.reads_body else NO_BODY
+        body = NO_BODY
+        unreadable: str | None = None  # what kept the body's permissions from being read
+        if method == "POST" and self.reads_body:
+            body, unreadable = await self._read_body(receive)
 
         token: str | None = None
         if authorization and authorization[:7].lower() == "bearer ":
             token = authorization[7:].strip() or None
-        elif api_key:
+        if token is None and api_key:
             token = api_key.strip() or None
-        elif isinstance(key := body.get("key"), str) and key:
+        if token is None and isinstance(key := body.get("key"), str) and key:
             token = key
 
         # Every source counts: a caller can add requirements but never replace a gateway's
         # (a gateway that puts them in the query string cannot be overridden by a header).
         required: tuple[str, ...] = ()
-        if isinstance(listed := body.get("permissions"), list):
-            required = tuple(p for p in listed if isinstance(p, str))
+        if body:
+            required, wrong = _body_permissions(body.get("permissions"))
+            unreadable = unreadable or wrong
         if permissions_header:
             required += _split(permissions_header)
         if scope["query_string"]:
@@ -172,6 +211,7 @@ class VerifyEndpoint:
             client_ip=address,
             origin=self._origin(origin_header) if origin_header else None,
             required=required,
+            unreadable=unreadable,
         )
         now = self.clock.now()
         decision, entry = await self._decide(facts, now)
@@ -225,8 +265,8 @@ class VerifyEndpoint:
         # The entry just filled (when it was stored), so a VALID body is rendered once per fill.
         return judge(facts, record, now), self.cache.holding(secret_hash, record)
 
-    async def _read_body(self, receive: Receive) -> dict[str, Any]:
-        """The JSON body as a dict; an empty, oversized or unparseable body counts as none."""
+    async def _read_body(self, receive: Receive) -> tuple[dict[str, Any], str | None]:
+        """The JSON body as a dict (an empty body: none), or what kept it from being read."""
         limit = self.settings.max_body_bytes
         chunks: list[bytes] = []
         size = 0
@@ -234,13 +274,15 @@ class VerifyEndpoint:
         while more:
             message = await receive()
             if message["type"] != "http.request":
-                return {}  # the client went away
+                return {}, "the request body did not arrive whole"  # the client went away
             chunk = message.get("body", b"")
             size += len(chunk)
             if size <= limit:
                 chunks.append(chunk)
             more = message.get("more_body", False)
-        return _body_json(b"".join(chunks)) if size <= limit else {}
+        if size > limit:
+            return {}, f"the request body is over {limit} bytes"
+        return _body_json(b"".join(chunks))
 
     def _origin(self, value: str) -> str | None:
         known = self._origins.get(value, False)
