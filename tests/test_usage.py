@@ -117,15 +117,21 @@ async def test_counts_and_denials_show_in_graphql_within_two_seconds(
     """No manual flush: the background task writes within a flush interval (1 s)."""
     ws, ip = uws, peer[0]
     key_id, secret = await ws.create_key(allowedIps=["198.51.100.0/24"])
+    ok_id, ok = await ws.create_key()
+    used_from = datetime.now(UTC).replace(microsecond=0)
     assert await verify(ws.client, secret) == "IP_NOT_ALLOWED"  # peer is 203.0.113.10
+    assert await verify(ws.client, ok) == "VALID"
     started = time.monotonic()
     while True:
         usage = await key_usage(ws, key_id)
         denials = (await ws.q(DENIALS, {"key": key_id}))["denials"]["edges"]
-        if usage["failedRequests"] == 1 and denials:
+        used = await key_usage(ws, ok_id)
+        if usage["failedRequests"] == 1 and denials and used["lastUsedAt"] is not None:
             break
-        assert time.monotonic() - started < 2.0, (usage, denials)
+        assert time.monotonic() - started < 2.0, (usage, denials, used)
         await asyncio.sleep(0.05)
+    assert used["successfulRequests"] == used["totalRequests"] == 1
+    assert datetime.fromisoformat(used["lastUsedAt"]) >= used_from
     node = denials[0]["node"]
     assert node["code"] == "IP_NOT_ALLOWED" and node["ip"] == ip
     assert node["keyId"] == key_id and node["count"] == 1

@@ -158,6 +158,87 @@ async def test_allowlist_and_permission_changes_apply_at_once(ws: WorkspaceHandl
     assert await _code(ws.client, secret, headers=headers) == (200, "VALID")
 
 
+async def test_role_expiry_and_rotation_changes_apply_at_once(
+    ws: WorkspaceHandle, clock: OffsetClock
+) -> None:
+    """The rest of the mutations that change an answer, each on a key cached just before."""
+    role = await ws.q(
+        'mutation { createRole(name: "exports", permissions: ["export.*"]) {'
+        " ... on CreateRoleSuccess { role { id } } } }"
+    )
+    key_id, secret = await ws.create_key(permissions=["pdf.read"])
+    headers = {"X-Required-Permissions": "export.csv"}
+    assert await _code(ws.client, secret, headers=headers) == (403, "INSUFFICIENT_PERMISSIONS")
+    await ws.q(
+        "mutation($id: ID!, $role: ID) { updateKey(id: $id, input: {roleId: $role}) {"
+        " __typename } }",
+        {"id": key_id, "role": role["createRole"]["role"]["id"]},
+    )
+    assert await _code(ws.client, secret, headers=headers) == (200, "VALID")
+
+    # An expiry set on a cached key (which had none) holds when its time comes.
+    await ws.q(
+        "mutation($id: ID!, $at: DateTime) { updateKey(id: $id, input: {expiresAt: $at}) {"
+        " __typename } }",
+        {"id": key_id, "at": (clock.now() + timedelta(minutes=5)).isoformat()},
+    )
+    assert await _code(ws.client, secret) == (200, "VALID")
+    clock.advance(minutes=6)
+    assert await _code(ws.client, secret) == (401, "EXPIRED")
+
+    # Rotation with no grace: the old secret is refused at once, the new one verifies.
+    key_id, secret = await ws.create_key()
+    assert await _code(ws.client, secret) == (200, "VALID")
+    rotated = await ws.q(
+        "mutation($id: ID!) { rotateKey(id: $id, graceMinutes: 0) {"
+        " ... on RotateKeySuccess { secret } } }",
+        {"id": key_id},
+    )
+    assert await _code(ws.client, secret) == (401, "REVOKED")
+    assert await _code(ws.client, rotated["rotateKey"]["secret"]) == (200, "VALID")
+    env = next(name for name in ws.environments if name != "production")
+    _, secret = await ws.create_key(env=env)
+    assert await _code(ws.client, secret) == (200, "VALID")
+    await ws.q(
+        "mutation($env: ID!) { rotateAll(environmentId: $env, graceMinutes: 0) { __typename } }",
+        {"env": ws.environments[env]},
+    )
+    assert await _code(ws.client, secret) == (401, "REVOKED")
+
+
+async def test_the_endpoint_refuses_in_the_contracts_order(
+    ws: WorkspaceHandle, clock: OffsetClock
+) -> None:
+    """A key that fails every check, through HTTP (tests/test_properties.py checks the same
+    order on the verifier itself): each answer is the first failing check's, and lifting that
+    one shows the next."""
+    key_id, secret = await ws.create_key(
+        permissions=["a"],
+        allowedIps=["198.51.100.7"],  # the test client is 203.0.113.10
+        expiresAt=(clock.now() + timedelta(minutes=5)).isoformat(),
+    )
+    set_status = (
+        "mutation($id: ID!, $s: KeyStatus!) { setStatus(id: $id, status: $s) { __typename } }"
+    )
+    await ws.q(set_status, {"id": key_id, "s": "DISABLED"})
+    clock.advance(minutes=6)
+    headers = {"X-Required-Permissions": "b"}
+    assert await _code(ws.client, secret, headers=headers) == (401, "DISABLED")
+    await ws.q(set_status, {"id": key_id, "s": "ENABLED"})
+    assert await _code(ws.client, secret, headers=headers) == (401, "EXPIRED")
+    await ws.q(
+        "mutation($id: ID!, $at: DateTime) { updateKey(id: $id, input: {expiresAt: $at}) {"
+        " __typename } }",
+        {"id": key_id, "at": (clock.now() + timedelta(days=1)).isoformat()},
+    )
+    assert await _code(ws.client, secret, headers=headers) == (403, "IP_NOT_ALLOWED")
+    await ws.q(
+        "mutation($id: ID!) { setAllowedIps(id: $id, ips: []) { __typename } }", {"id": key_id}
+    )
+    assert await _code(ws.client, secret, headers=headers) == (403, "INSUFFICIENT_PERMISSIONS")
+    assert await _code(ws.client, secret) == (200, "VALID")
+
+
 async def test_client_side_id_needs_an_authorized_origin(ws: WorkspaceHandle) -> None:
     cs = ws.client_side_ids["production"]
     origin = {"Origin": "https://app.example.com"}
