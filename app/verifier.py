@@ -227,7 +227,10 @@ def judge(facts: RequestFacts, record: KeyRecord | None, now: datetime) -> Decis
     if facts.required:
         missing = missing_permissions(record.permissions, facts.required)
         if missing:
-            shown = ", ".join(m[:64] for m in missing[:10])
+            # Shown as valid UTF-8 whatever was asked: the message is stored in the denial log.
+            shown = ", ".join(
+                m[:64].encode("utf-8", "backslashreplace").decode("utf-8") for m in missing[:10]
+            )
             return _decide(
                 Code.INSUFFICIENT_PERMISSIONS,
                 record,

@@ -247,3 +247,58 @@ async def test_verify_answers_the_same_under_a_root_path(
         refused = await client.get("/kp/v1/verify?permissions=b", headers={"X-API-Key": secret})
         assert refused.json()["code"] == "INSUFFICIENT_PERMISSIONS"
         assert (await client.put("/kp/v1/verify")).status_code == 405
+
+
+async def test_text_that_is_not_valid_unicode_is_refused_and_the_flush_still_writes(
+    app: Starlette, ws: WorkspaceHandle
+) -> None:
+    """JSON may escape a lone surrogate (`"\\ud800"`), which no UTF-8 text can hold. As a key it
+    is malformed (not a 500); as a required permission it is unreadable. Either way nothing the
+    denial log cannot store gets into it, so later flushes keep writing."""
+    key_id, secret = await ws.create_key(permissions=["a"])
+    response = await ws.client.post(
+        "/v1/verify", content=b'{"key": "\\ud800"}', headers={"content-type": "application/json"}
+    )
+    assert (response.status_code, response.json()["code"]) == (401, "INVALID_KEY")
+    response = await ws.client.post(
+        "/v1/verify", content=json.dumps({"key": secret, "permissions": ["\ud800"]}).encode()
+    )
+    assert (response.status_code, response.json()["code"]) == (403, "INSUFFICIENT_PERMISSIONS")
+    assert "not valid Unicode" in response.json()["message"]
+    assert (await ws.client.get("/v1/verify", headers={"X-API-Key": secret})).json()["valid"]
+    usage = app.state.usage
+    assert await usage.flush()
+    assert usage.pending_requests == 0 and usage.pending_denials == 0
+    data = await ws.q(
+        "query($id: ID!) { key(id: $id) { usage { totalRequests } } }", {"id": key_id}
+    )
+    assert data["key"]["usage"]["totalRequests"] == 2
+
+
+def test_a_missing_permission_is_shown_as_valid_utf8() -> None:
+    from datetime import UTC, datetime
+
+    from app.cache import record_from_row  # noqa: F401 -- the record is built directly below
+    from app.verifier import Code, KeyRecord, RequestFacts, judge
+
+    record = KeyRecord(
+        key_id="key_x",
+        key_pk=1,
+        key_type="SERVER",
+        workspace_pk=1,
+        workspace_id="ws_x",
+        environment_pk=1,
+        environment_id="env_x",
+        status="ENABLED",
+        permissions=frozenset(),
+        permission_list=(),
+        allowed_networks=(),
+        authorized_origins=frozenset(),
+        expires_at=None,
+        grace_ends_at=None,
+    )
+    facts = RequestFacts(token="t", client_ip=None, origin=None, required=("\ud800",))
+    decision = judge(facts, record, datetime.now(UTC))
+    assert decision.code is Code.INSUFFICIENT_PERMISSIONS
+    decision.message.encode("utf-8")  # storable; the surrogate is shown escaped
+    assert "\\ud800" in decision.message

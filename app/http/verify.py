@@ -104,6 +104,11 @@ def _body_permissions(listed: object) -> tuple[tuple[str, ...], str | None]:
     for item in listed:
         if not isinstance(item, str):
             return (), f"the body's permissions list holds {_json_kind(item)}, not only strings"
+        if not item.isascii():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (`"\ud800"`): no text can name it
+                return (), "the body's permissions list holds a string that is not valid Unicode"
     return tuple(listed), None
 
 
@@ -249,7 +254,8 @@ class VerifyEndpoint:
         token = facts.token
         if token is None:
             return decide_missing(), None
-        if len(token) > MAX_TOKEN_LENGTH:
+        if len(token) > MAX_TOKEN_LENGTH or not token.isascii():
+            # A token is ASCII by its shape; a JSON body's `\ud800` cannot even be hashed.
             return decide_malformed(), None
         secret_hash = hash_secret(token)
         entry = self.cache.fresh(secret_hash)
