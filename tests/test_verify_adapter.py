@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
 from starlette.applications import Starlette
 
+from app.verifier import Code, KeyRecord, RequestFacts, judge
 from tests.support import WorkspaceHandle
 
 
@@ -276,11 +278,6 @@ async def test_text_that_is_not_valid_unicode_is_refused_and_the_flush_still_wri
 
 
 def test_a_missing_permission_is_shown_as_valid_utf8() -> None:
-    from datetime import UTC, datetime
-
-    from app.cache import record_from_row  # noqa: F401 -- the record is built directly below
-    from app.verifier import Code, KeyRecord, RequestFacts, judge
-
     record = KeyRecord(
         key_id="key_x",
         key_pk=1,
