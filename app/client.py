@@ -5,25 +5,37 @@
     app = KeyplaneAuthMiddleware(app, base_url="http://keyplane:8000",
                                  required_permissions=["pdf.generate"])
 
-The optional positive cache (`cache_seconds`, default 0 = off) skips the round trip for a key
-verified VALID within the last few seconds. The trade-off: a key revoked or disabled in
-Keyplane keeps passing in this client for up to `cache_seconds`. Refusals are never cached.
+The optional positive cache (`cache_seconds`, default 0 = off, at most
+`MAX_CACHE_SECONDS`) skips the round trip for a key verified VALID within the last few seconds.
+The trade-off: a key revoked or disabled in Keyplane keeps passing in this client for up to
+`cache_seconds`. An answer is never kept past the key's own `expiresAt` or `graceEndsAt`, and
+refusals are never cached.
+
+A token that is not ASCII is refused here as INVALID_KEY without a round trip: no Keyplane
+token has such a character, and it cannot be sent in a header.
+
+The middleware checks WebSocket handshakes as it checks HTTP requests: a refused handshake is
+answered with Keyplane's status and body where the server supports the ASGI denial response,
+and closed with code 1008 (policy violation) otherwise.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import httpx
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 UNAVAILABLE_MESSAGE = "Keyplane could not be reached"
+MAX_CACHE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -65,14 +77,46 @@ class VerifyResult:
         body = {"valid": False, "code": "UNAVAILABLE", "message": UNAVAILABLE_MESSAGE}
         return cls.from_response(503, body)
 
+    @classmethod
+    def invalid_key(cls) -> VerifyResult:
+        """Keyplane's own answer for a token that cannot be a key (the same body it sends)."""
+        return cls.from_response(
+            401, {"valid": False, "code": "INVALID_KEY", "message": "Invalid API key"}
+        )
+
+    def ends_at(self) -> float | None:
+        """The earliest of `expiresAt` and `graceEndsAt` as a Unix time; None when neither is
+        set. A value that cannot be read counts as already passed."""
+        ends: float | None = None
+        for text in (self.expires_at, self.grace_ends_at):
+            if not text:
+                continue
+            try:
+                moment = datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+            except (TypeError, ValueError, OverflowError):
+                moment = -math.inf
+            ends = moment if ends is None else min(ends, moment)
+        return ends
+
 
 class _PositiveCache:
     """VALID answers for a few seconds, keyed by a hash of (token, permissions, ip, origin)."""
 
-    def __init__(self, seconds: float, max_entries: int = 10_000) -> None:
-        self.seconds = seconds
+    def __init__(
+        self, seconds: float, max_entries: int = 10_000, clock: Callable[[], float] = time.time
+    ) -> None:
+        if (
+            not isinstance(seconds, (int, float))
+            or isinstance(seconds, bool)
+            or not 0 <= seconds <= MAX_CACHE_SECONDS
+        ):
+            raise ValueError(
+                f"cache_seconds must be a number from 0 to {MAX_CACHE_SECONDS:g}, got {seconds!r}"
+            )
+        self.seconds = float(seconds)
+        self.clock = clock
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, tuple[float, VerifyResult]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, float | None, VerifyResult]] = OrderedDict()
 
     @staticmethod
     def key(token: str, permissions: Sequence[str], ip: str | None, origin: str | None) -> str:
@@ -86,15 +130,21 @@ class _PositiveCache:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry[0] < time.monotonic():
+        monotonic_end, wall_end, result = entry
+        if monotonic_end < time.monotonic() or (wall_end is not None and wall_end <= self.clock()):
             del self._entries[key]
             return None
-        return entry[1]
+        return result
 
     def put(self, key: str, result: VerifyResult) -> None:
         if self.seconds <= 0 or not result.valid:
             return
-        self._entries[key] = (time.monotonic() + self.seconds, result)
+        # The key's own end (expiry, or the end of a revoked key's grace) bounds the entry by
+        # the wall clock, so a cached VALID never outlives what Keyplane would answer.
+        wall_end = result.ends_at()
+        if wall_end is not None and wall_end <= self.clock():
+            return
+        self._entries[key] = (time.monotonic() + self.seconds, wall_end, result)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -110,10 +160,13 @@ class KeyplaneClient:
         timeout: float = 2.0,
         cache_seconds: float = 0.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock` (Unix seconds) is the time a cached answer's `expiresAt` and `graceEndsAt`
+        are compared with."""
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        self._cache = _PositiveCache(cache_seconds)
+        self._cache = _PositiveCache(cache_seconds, clock=clock)
         self._transport = transport
         self._sync: httpx.Client | None = None
         self._async: httpx.AsyncClient | None = None
@@ -121,12 +174,14 @@ class KeyplaneClient:
     @staticmethod
     def _request(
         token: str, permissions: Sequence[str] | None, ip: str | None, origin: str | None
-    ) -> tuple[dict[str, str], dict[str, Any]]:
-        headers = {"Authorization": f"Bearer {token}"}
+    ) -> tuple[dict[bytes, bytes], dict[str, Any]]:
+        # Header values go as bytes: an Origin an ASGI server decoded as Latin-1 is sent back
+        # as the same bytes, where httpx would refuse a str that is not ASCII.
+        headers = {b"authorization": f"Bearer {token}".encode("ascii")}
         if ip:
-            headers["X-Forwarded-For"] = ip
+            headers[b"x-forwarded-for"] = _header_bytes(ip)
         if origin:
-            headers["Origin"] = origin
+            headers[b"origin"] = _header_bytes(origin)
         return headers, {"permissions": list(permissions or [])}
 
     @staticmethod
@@ -147,6 +202,8 @@ class KeyplaneClient:
         origin: str | None = None,
     ) -> VerifyResult:
         """Verify a key; a Keyplane that cannot be reached gives UNAVAILABLE, never VALID."""
+        if not _sendable(token):
+            return VerifyResult.invalid_key()
         cache_key = self._cache.key(token, permissions or [], ip, origin)
         if (cached := self._cache.get(cache_key)) is not None:
             return cached
@@ -169,6 +226,8 @@ class KeyplaneClient:
         origin: str | None = None,
     ) -> VerifyResult:
         """The same as `verify`, without blocking the event loop."""
+        if not _sendable(token):
+            return VerifyResult.invalid_key()
         cache_key = self._cache.key(token, permissions or [], ip, origin)
         if (cached := self._cache.get(cache_key)) is not None:
             return cached
@@ -194,6 +253,18 @@ class KeyplaneClient:
         if self._async is not None:
             await self._async.aclose()
             self._async = None
+
+
+def _sendable(token: str) -> bool:
+    """Whether a token can be sent in a header at all: printable ASCII, as every key is."""
+    return token.isascii() and token.isprintable()
+
+
+def _header_bytes(value: str) -> bytes:
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -222,7 +293,7 @@ class KeyplaneAuthMiddleware:
         self.client = client or KeyplaneClient(base_url, cache_seconds=cache_seconds)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         token = None
@@ -243,18 +314,42 @@ class KeyplaneAuthMiddleware:
                 origin=_header(scope, b"origin"),
             )
         if not result.valid:
-            payload = json.dumps(result.body).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": result.status_code,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(payload)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": payload})
+            if scope["type"] == "websocket":
+                await _refuse_handshake(scope, receive, send, result)
+            else:
+                await send(_start(result, "http.response.start"))
+                await send({"type": "http.response.body", "body": _payload(result)})
             return
         scope.setdefault("state", {})["keyplane"] = result
         await self.app(scope, receive, send)
+
+
+def _payload(result: VerifyResult) -> bytes:
+    return json.dumps(result.body).encode()
+
+
+def _start(result: VerifyResult, kind: str) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "status": result.status_code,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(_payload(result))).encode()),
+        ],
+    }
+
+
+async def _refuse_handshake(
+    scope: Scope, receive: Receive, send: Send, result: VerifyResult
+) -> None:
+    """Refuse a WebSocket handshake before it is accepted: with Keyplane's status and body
+    where the server offers the denial response extension, else by closing (1008), which
+    servers answer with 403."""
+    message = await receive()
+    if message.get("type") != "websocket.connect":
+        return
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send(_start(result, "websocket.http.response.start"))
+        await send({"type": "websocket.http.response.body", "body": _payload(result)})
+        return
+    await send({"type": "websocket.close", "code": 1008})
