@@ -13,7 +13,7 @@ from types import FrameType
 from tortoise import Tortoise
 
 from app.clock import SystemClock
-from app.db import migrate, tortoise_config
+from app.db import migrate, tortoise_config, transaction
 from app.errors import ValidationFailed
 from app.settings import Settings, SettingsError
 
@@ -51,9 +51,12 @@ async def _bootstrap(
         if only_if_new and await Workspace.exists(name=name):
             return None
         now = SystemClock().now()
-        result = await bootstrap(name, chosen_plan, key_prefix, now)
-        if owner is not None:
-            await set_owner(result.workspace, owner[0], owner[1], now)
+        # One transaction: an owner that cannot be set (an email of another workspace) leaves
+        # no workspace, environment or token behind.
+        async with transaction():
+            result = await bootstrap(name, chosen_plan, key_prefix, now)
+            if owner is not None:
+                await set_owner(result.workspace, owner[0], owner[1], now)
         return {"workspaceId": result.workspace.public_id, "token": result.token}
     finally:
         await Tortoise.close_connections()

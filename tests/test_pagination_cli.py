@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -9,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from starlette.applications import Starlette
 
+from models import Environment, ManagementToken, Member, Role, Workspace
 from tests.conftest import BACKEND
-from tests.support import WorkspaceHandle
+from tests.support import WorkspaceHandle, unique_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,6 +72,34 @@ def test_bootstrap_prints_one_json_object_and_reruns_mint_another_token(tmp_path
         ["bootstrap", "--workspace", "acme", "--email", "o@example.com"], url, "a long password\n"
     )
     assert owner.returncode == 0 and "a long password" not in owner.stdout + owner.stderr
+
+
+async def test_bootstrap_whose_owner_is_refused_writes_nothing(
+    app: Starlette, database_url: str
+) -> None:
+    """On either database: the owner's email belongs to another workspace, so exit 2 and no
+    workspace, environment, role or token of the new one is left."""
+    first_name, second_name = unique_name(), unique_name()
+    email = f"{first_name}@example.com"
+    args = ["bootstrap", "--email", email, "--workspace"]
+    first = await asyncio.to_thread(_keyplane, [*args, first_name], database_url, "pw one long\n")
+    assert first.returncode == 0, first.stderr
+    environments, roles, tokens = (
+        await Environment.all().count(),
+        await Role.all().count(),
+        await ManagementToken.all().count(),
+    )
+    refused = await asyncio.to_thread(
+        _keyplane, [*args, second_name], database_url, "pw two long\n"
+    )
+    assert refused.returncode == 2 and email in refused.stderr and refused.stdout == ""
+    assert not await Workspace.exists(name=second_name)
+    assert (
+        await Environment.all().count(),
+        await Role.all().count(),
+        await ManagementToken.all().count(),
+    ) == (environments, roles, tokens)
+    assert await Member.filter(email=email).count() == 1
 
 
 @pytest.mark.skipif(BACKEND != "sqlite", reason="CLI runs against its own SQLite file")
