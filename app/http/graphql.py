@@ -118,6 +118,14 @@ class GraphQLEndpoint:
             fields = _top_level_fields(payload)
         except (ValueError, RecursionError):
             payload, fields = None, None
+        if (where := _not_unicode(payload, "request")) is not None:
+            # A JSON escape of half a surrogate pair ("\ud800") is valid JSON but not text: no
+            # database, hash or response can hold it. Named by its place, never by its value
+            # (it may be a password).
+            await _error(
+                400, "VALIDATION_FAILED", f"{where} is not valid Unicode text (a lone surrogate)"
+            )(scope, receive, send)
+            return
         if isinstance(payload, dict) and payload.get("operationName") == "":
             # GraphiQL sends "" for an anonymous operation; it means "no name", not a name.
             payload["operationName"] = None
@@ -159,6 +167,35 @@ class GraphQLEndpoint:
             on_auth_failure=lambda: self.limiter.record_failure(ip_text),
         )
         await self.view(scope, _replay(body, receive), send)
+
+
+def _not_unicode(value: Any, path: str) -> str | None:
+    """The place of the first string (or object key) in a parsed JSON body that is not valid
+    Unicode, or None. Iterative, so no nesting depth json.loads accepts can overflow it."""
+    pending: list[tuple[Any, str]] = [(value, path)]
+    while pending:
+        item, place = pending.pop()
+        if isinstance(item, str):
+            if not _is_text(item):
+                return place
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                if not _is_text(key):
+                    return f"{place} (an object key)"
+                pending.append((inner, f"{place}.{key}"))
+        elif isinstance(item, list):
+            pending.extend((inner, f"{place}[{index}]") for index, inner in enumerate(item))
+    return None
+
+
+def _is_text(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _bearer(header: str | None) -> str | None:
