@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from starlette.applications import Starlette
 
+from app.services.keys import MAX_ROW_ID
 from models import Environment, ManagementToken, Member, Role, Workspace
 from tests.conftest import BACKEND
 from tests.support import WorkspaceHandle, unique_name
@@ -40,6 +42,47 @@ async def test_pages_walk_every_key_once(ws: WorkspaceHandle) -> None:
         after = page["pageInfo"]["endCursor"]
     assert pages == 3
     assert len(seen) == 7 and set(seen) == created
+
+
+def _cursor(kind: str, number: str) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{number}".encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("field", "kind"),
+    [("keys(type: SERVER", "key"), ("auditLog(", "evt"), ("denials(", "den")],
+)
+@pytest.mark.parametrize("number", [1, 10**30, "١٢٣", "-1", ""])
+async def test_a_cursor_that_cannot_hold_a_row_id_is_a_typed_error(
+    ws: WorkspaceHandle, field: str, kind: str, number: int | str
+) -> None:
+    """Past its column's range (INTEGER or BIGINT) the database would refuse the number (it
+    was INTERNAL_SERVER_ERROR); digits other than ASCII are not a row ID either."""
+    if isinstance(number, int):  # so far past the column's largest ID
+        number = str(MAX_ROW_ID[kind] + number)
+    cursor = _cursor(kind, number)
+    separator = "" if field.endswith("(") else ", "
+    response = await ws.client.post(
+        "/graphql",
+        json={
+            "query": f"query($a: String) {{ {field}{separator}first: 2, after: $a) "
+            "{ edges { cursor } } }",
+            "variables": {"a": cursor},
+        },
+        headers={"Authorization": f"Bearer {ws.token}"},
+    )
+    [error] = response.json()["errors"]
+    assert error["extensions"]["code"] == "VALIDATION_FAILED", error
+    assert cursor in error["message"]
+
+
+async def test_the_largest_row_id_is_a_cursor_past_every_row(ws: WorkspaceHandle) -> None:
+    await ws.create_key()
+    data = await ws.q(
+        "query($a: String) { keys(type: SERVER, first: 5, after: $a) { edges { cursor } } }",
+        {"a": _cursor("key", str(MAX_ROW_ID["key"]))},
+    )
+    assert len(data["keys"]["edges"]) == 1  # every row ID is below it
 
 
 def _keyplane(

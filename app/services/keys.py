@@ -89,6 +89,11 @@ class KeyPage:
     cursors: list[str] = field(default_factory=list)
 
 
+# The largest row ID of each cursor's table (INTEGER or BIGINT): a cursor holding a larger
+# number was never issued, and the database would refuse to compare with it.
+MAX_ROW_ID = {"key": 2**31 - 1, "evt": 2**31 - 1, "den": 2**63 - 1}
+
+
 def encode_cursor(kind: str, row_id: int) -> str:
     return base64.urlsafe_b64encode(f"{kind}:{row_id}".encode()).decode().rstrip("=")
 
@@ -99,9 +104,12 @@ def decode_cursor(kind: str, cursor: str) -> int:
         padded = cursor + "=" * (-len(cursor) % 4)
         text = base64.urlsafe_b64decode(padded.encode()).decode()
         prefix, _, number = text.partition(":")
-        if prefix != kind or not number.isdigit():
+        if prefix != kind or not (number.isascii() and number.isdigit()) or len(number) > 19:
             raise ValueError(cursor)
-        return int(number)
+        row_id = int(number)
+        if row_id > MAX_ROW_ID[kind]:
+            raise ValueError(cursor)
+        return row_id
     except (ValueError, binascii.Error, UnicodeDecodeError):
         shown = cursor if len(cursor) <= 64 else cursor[:64] + "…"
         raise ValidationFailed(f"invalid cursor {shown!r}", field="after") from None
