@@ -24,6 +24,7 @@ from app.permissions import KEY_UPDATE, KEY_VIEW
 from app.services import Services, audit
 from app.services.environments import get_environment
 from app.services.principal import Principal
+from app.services.validation import utc_moment
 from models import Anomaly, UsageBucket, Workspace
 
 MAX_ANOMALIES = 500
@@ -130,9 +131,7 @@ async def list_anomalies(
     principal.require(KEY_VIEW)
     settings = services.settings
     now = services.clock.now()
-    since = since or now - DEFAULT_WINDOW
-    if since.tzinfo is None:
-        raise ValidationFailed(f"since {since.isoformat()!r} has no time-zone offset", "since")
+    since = utc_moment(since, "since") if since is not None else now - DEFAULT_WINDOW
     env_pk = None
     if environment_id is not None:
         env_pk = (await get_environment(principal, environment_id)).id

@@ -28,7 +28,7 @@ from app.services import Services
 from app.services.environments import get_environment
 from app.services.keys import check_page_size, decode_cursor, encode_cursor
 from app.services.principal import Principal
-from app.services.validation import require_public_id
+from app.services.validation import require_public_id, utc_moment
 from app.usage import MANY_IPS, key_totals
 from app.verifier import Code
 from models import ApiKey, Denial, Environment, UsageBucket
@@ -65,12 +65,6 @@ class UsageReport:
     series: list[Bucket]
 
 
-def _aware(value: datetime, name: str) -> datetime:
-    if value.tzinfo is None:
-        raise ValidationFailed(f"{name} {value.isoformat()!r} has no time-zone offset", name)
-    return value.astimezone(UTC)
-
-
 def _floor(moment: datetime, granularity: Granularity) -> datetime:
     moment = moment.replace(minute=0, second=0, microsecond=0)
     return moment.replace(hour=0) if granularity is Granularity.DAY else moment
@@ -81,9 +75,9 @@ def _range(
 ) -> tuple[datetime, datetime]:
     """[first bucket start, end) with both ends checked and the span bounded."""
     step = timedelta(days=1) if granularity is Granularity.DAY else timedelta(hours=1)
-    end = _aware(end, "to") if end is not None else now.astimezone(UTC)
+    end = utc_moment(end, "to") if end is not None else now.astimezone(UTC)
     default = DEFAULT_DAILY if granularity is Granularity.DAY else DEFAULT_HOURLY
-    start = _aware(start, "from") if start is not None else end - default
+    start = utc_moment(start, "from") if start is not None else end - default
     if start >= end:
         raise ValidationFailed(
             f"from {start.isoformat()!r} must be before to {end.isoformat()!r}", "from"
@@ -229,7 +223,7 @@ async def list_denials(
     if code is not None:
         query = query.filter(code=_check_code(code))
     if since is not None:
-        query = query.filter(at__gte=_aware(since, "since"))
+        query = query.filter(at__gte=utc_moment(since, "since"))
     if after is not None:
         row_id = decode_cursor("den", after)
         anchor = await Denial.get_or_none(id=row_id, workspace_id=principal.workspace_id)
@@ -256,7 +250,7 @@ async def denials_by_ip(
 ) -> list[IpDenials]:
     principal.require(KEY_VIEW)
     since = (
-        _aware(since, "since")
+        utc_moment(since, "since")
         if since is not None
         else services.clock.now() - DEFAULT_DENIAL_WINDOW
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from app.errors import ValidationFailed
 from app.permissions import validate_permissions
@@ -57,14 +57,34 @@ def require_public_id(value: str, kind: str, what: str) -> str:
     return value
 
 
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+def utc_moment(value: datetime, name: str) -> datetime:
+    """A DateTime argument as UTC. It must carry a time-zone offset and lie from 1970-01-01
+    to before 9999-01-01 (UTC): an offset can carry year 1 or 9999 out of what a datetime
+    holds, and a day or an hour added to the end of the range would overflow."""
+    if value.tzinfo is None:
+        raise ValidationFailed(f"{name} {value.isoformat()!r} has no time-zone offset", name)
+    try:
+        moment = value.astimezone(UTC)
+    except OverflowError:
+        moment = None
+    if moment is None or not EARLIEST <= moment < LATEST:
+        raise ValidationFailed(
+            f"{name} {value.isoformat()!r} is out of range; use a time from "
+            f"{EARLIEST.isoformat()} to before {LATEST.isoformat()}",
+            name,
+        )
+    return moment
+
+
 def clean_expiry(value: datetime | None, now: datetime) -> datetime | None:
-    """An expiry must carry a time zone and lie in the future."""
+    """An expiry must carry a time zone and lie in the future (and before 9999)."""
     if value is None:
         return None
-    if value.tzinfo is None:
-        raise ValidationFailed(
-            f"expiresAt {value.isoformat()!r} has no time-zone offset", field="expiresAt"
-        )
+    value = utc_moment(value, "expiresAt")
     if value <= now:
         raise ValidationFailed(
             f"expiresAt {value.isoformat()!r} is not in the future", field="expiresAt"
