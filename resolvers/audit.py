@@ -18,9 +18,10 @@ class AuditQueries:
         self,
         info: Info,
         key_id: strawberry.ID | None = None,
-        first: int = 50,
+        first: int | None = 50,
         after: str | None = None,
     ) -> AuditConnection:
+        first = 50 if first is None else first  # an explicit null is the default
         principal = info.context.operator
         principal.require(KEY_VIEW)
         check_page_size(first)

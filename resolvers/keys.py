@@ -25,7 +25,7 @@ from resolvers.types import ApiKeyType, KeyConnection, KeyEdge, KeyStatus, KeyTy
 class CreateKeyInput:
     environment_id: strawberry.ID
     name: str
-    type: KeyType = KeyType.SERVER
+    type: KeyType | None = KeyType.SERVER  # the contract's `KeyType = SERVER`; null is SERVER
     permissions: list[str] | None = None
     role_id: strawberry.ID | None = None
     allowed_ips: list[str] | None = None
@@ -146,7 +146,7 @@ class KeyQueries:
         status: KeyStatus | None = None,
         type: KeyType | None = None,
         search: str | None = None,
-        first: int = 50,
+        first: int | None = 50,
         after: str | None = None,
         rotation_due: bool | None = None,
     ) -> KeyConnection:
@@ -156,7 +156,7 @@ class KeyQueries:
             status=models.KeyStatus(status.value) if status else None,
             key_type=models.KeyKind(type.value) if type else None,
             search=search,
-            first=first,
+            first=50 if first is None else first,  # an explicit null is the default
             after=after,
             rotation_due=rotation_due,
             now=info.context.services.clock.now(),
@@ -181,7 +181,7 @@ class KeyMutations:
         request = key_service.NewKey(
             environment_id=str(input.environment_id),
             name=input.name,
-            type=models.KeyKind(input.type.value),
+            type=models.KeyKind((input.type or KeyType.SERVER).value),
             permissions=input.permissions or [],
             role_id=str(input.role_id) if input.role_id is not None else None,
             allowed_ips=input.allowed_ips or [],

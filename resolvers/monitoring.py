@@ -58,6 +58,7 @@ class DenialEdge:
 class DenialConnection:
     edges: list[DenialEdge]
     page_info: PageInfo
+    total_count: int
 
 
 @strawberry.type(name="IpDenials")
@@ -152,6 +153,7 @@ class MonitoringQueries:
             page_info=PageInfo(
                 has_next_page=page.has_next, end_cursor=edges[-1].cursor if edges else None
             ),
+            total_count=page.total,
         )
 
     @strawberry.field(

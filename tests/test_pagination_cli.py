@@ -44,6 +44,28 @@ async def test_pages_walk_every_key_once(ws: WorkspaceHandle) -> None:
     assert len(seen) == 7 and set(seen) == created
 
 
+async def test_an_explicit_null_takes_the_contracts_default(ws: WorkspaceHandle) -> None:
+    """The contract's `first: Int = 50` and `type: KeyType = SERVER` are nullable; a null is
+    the default, as a dashboard that forwards an unset variable sends it."""
+    data = await ws.q(
+        """mutation($input: CreateKeyInput!) { createKey(input: $input) {
+             __typename ... on CreateKeySuccess { key { type } } } }""",
+        {"input": {"environmentId": ws.environments["production"], "name": "k", "type": None}},
+    )
+    assert data["createKey"] == {"__typename": "CreateKeySuccess", "key": {"type": "SERVER"}}
+    for _ in range(55):  # 56 audit events with the create above: more than one default page
+        await ws.create_key()
+    data = await ws.q(
+        """query($first: Int) { keys(type: SERVER, first: $first) { totalCount edges { cursor } }
+             auditLog(first: $first) { totalCount edges { cursor } }
+             denials(first: $first) { totalCount edges { cursor } } }""",
+        {"first": None},
+    )
+    assert data["keys"]["totalCount"] == 56 and len(data["keys"]["edges"]) == 50
+    assert data["auditLog"]["totalCount"] >= 56 and len(data["auditLog"]["edges"]) == 50
+    assert data["denials"] == {"totalCount": 0, "edges": []}
+
+
 def _cursor(kind: str, number: str) -> str:
     return base64.urlsafe_b64encode(f"{kind}:{number}".encode()).decode().rstrip("=")
 

@@ -39,7 +39,7 @@ DENIALS = """query($key: ID, $ip: String, $code: String, $since: DateTime, $firs
                  $after: String) {
   denials(keyId: $key, ip: $ip, code: $code, since: $since, first: $first, after: $after) {
     edges { cursor node { id at keyId ip origin code message count } }
-    pageInfo { hasNextPage endCursor } } }"""
+    pageInfo { hasNextPage endCursor } totalCount } }"""
 
 BY_IP = """query($since: DateTime, $env: ID) {
   denialsByIp(since: $since, environmentId: $env) { ip count lastAt codes } }"""
@@ -268,6 +268,7 @@ async def test_denials_paginate_newest_first_and_filter(
             )
         )["denials"]
         seen += [e["node"]["message"] for e in page["edges"]]
+        assert page["totalCount"] == 7  # every page: all the filters match, not the page
         if not page["pageInfo"]["hasNextPage"]:
             break
         after = page["pageInfo"]["endCursor"]
@@ -278,7 +279,7 @@ async def test_denials_paginate_newest_first_and_filter(
     revoked = (await ws.q(DENIALS, {"code": "REVOKED", "since": since.isoformat()}))["denials"]
     assert [e["node"]["keyId"] for e in revoked["edges"]] == [other_id]
     by_ip = (await ws.q(DENIALS, {"ip": ip, "since": since.isoformat()}))["denials"]
-    assert len(by_ip["edges"]) == 8
+    assert len(by_ip["edges"]) == by_ip["totalCount"] == 8
 
 
 @pytest.mark.parametrize(

@@ -179,6 +179,7 @@ class DenialPage:
     rows: list[Denial]
     cursors: list[str]
     has_next: bool
+    total: int  # every denial record the filters match, on every page
 
 
 def _check_ip(ip: str) -> str:
@@ -224,6 +225,7 @@ async def list_denials(
         query = query.filter(code=_check_code(code))
     if since is not None:
         query = query.filter(at__gte=utc_moment(since, "since"))
+    total = await query.count()
     if after is not None:
         row_id = decode_cursor("den", after)
         anchor = await Denial.get_or_none(id=row_id, workspace_id=principal.workspace_id)
@@ -233,7 +235,10 @@ async def list_denials(
     rows = await query.order_by("-at", "-id").limit(first + 1)
     page = rows[:first]
     return DenialPage(
-        rows=page, cursors=[encode_cursor("den", r.id) for r in page], has_next=len(rows) > first
+        rows=page,
+        cursors=[encode_cursor("den", r.id) for r in page],
+        has_next=len(rows) > first,
+        total=total,
     )
 
 
