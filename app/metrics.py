@@ -9,7 +9,8 @@ each worker, or sum by instance). Names:
   `keyplane_cache_entries`: the key cache.
 - `keyplane_usage_flush_lag_seconds`: seconds since the last successful usage flush;
   `keyplane_usage_pending_requests`, `keyplane_usage_pending_denials`: what waits in memory;
-  `keyplane_usage_flush_failures_total`.
+  `keyplane_usage_flush_failures_total`; `keyplane_usage_denials_set_aside_total`: denial
+  records dropped after repeated flush crashes (a bug; see `SET_ASIDE_AFTER_CRASHES`).
 """
 
 from __future__ import annotations
@@ -130,6 +131,12 @@ class Metrics:
                 "counter",
                 "Usage flushes the database refused.",
                 usage.flush_failures,
+            ),
+            (
+                "keyplane_usage_denials_set_aside_total",
+                "counter",
+                "Denial records dropped after repeated flush crashes (a bug).",
+                usage.denials_set_aside,
             ),
         ):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value!r}"]

@@ -61,13 +61,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 from tortoise import connections
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.expressions import F, Q
 
 from app.background import Periodic
 from app.clock import Clock
-from app.db import DATABASE_ERRORS, any_of, latest, transaction
+from app.db import DATABASE_ERRORS, UNREACHABLE_ERRORS, any_of, latest, transaction
 from app.log_policy import unforeseen
 from app.settings import Settings
 from app.verifier import KeyRecord
@@ -108,6 +109,17 @@ MERGED_WRITER = -1  # `usage_buckets.writer` of the row the roll-up merges a clo
 # are pruned.
 FLUSH_IDLE_SECONDS = 10.0
 IN_DOUBT_WAIT_SECONDS = 2.0
+
+# A flush that fails this many times in a row for a reason other than a database it cannot
+# reach (or a deadlock or lock wait, which pass) sets its denial records aside: one record no
+# database can take (a bug) must not stop every later count being written. Counts are never
+# set aside.
+SET_ASIDE_AFTER_CRASHES = 3
+_PASSING_ERRORS: tuple[type[BaseException], ...] = (
+    *UNREACHABLE_ERRORS,
+    asyncpg.TransactionRollbackError,  # deadlock, serialization failure
+    asyncpg.LockNotAvailableError,
+)
 WRITER_RETENTION = timedelta(days=30)
 
 _BUCKET_INSERT = """INSERT INTO usage_buckets AS b (workspace_id, environment_id, key_id,
@@ -333,6 +345,27 @@ class _Buffers:
         out: dict[tuple[str, datetime], _Counts] = {}
         _add_environments(out, self.keys.items())
         return out
+
+
+def _passes(exc: BaseException) -> bool:
+    """Whether a failure, or one it was raised from, says the database cannot be reached now
+    or a lock was in the way: nothing about the batch itself."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, _PASSING_ERRORS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _storable(text: str, limit: int) -> str:
+    """Text any database column takes: at most `limit` characters, and valid UTF-8 (half a
+    surrogate pair, which no encoder accepts, is written as its escape)."""
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text[:limit]
 
 
 def _add_environments(
@@ -612,6 +645,8 @@ class UsageRecorder:
         self.flushes = 0
         self.flush_failures = 0
         self.recorded = 0
+        self.crashes_in_a_row = 0
+        self.denials_set_aside = 0
 
     # -- the hot path ---------------------------------------------------------------------
     def record(
@@ -758,18 +793,46 @@ class UsageRecorder:
                     batch.requests() + taken.requests(),
                     batch.denial_rows(),
                 )
-                self._keep(batch, taken)
+                self._after_failure(exc, batch, taken)
                 return False
             except Exception as exc:  # a bug, not an outage: say so loudly, and still lose nothing
                 self.flush_failures += 1
                 unforeseen(
                     logger, "usage flush crashed; keeping the batch for the next attempt", exc
                 )
-                self._keep(batch, taken)
+                self._after_failure(exc, batch, taken)
                 return False
+            self.crashes_in_a_row = 0
             self.flushes += 1
             self.last_flush_monotonic = time.monotonic()
             return True
+
+    def _after_failure(self, exc: BaseException, batch: _Buffers, taken: _Taken) -> None:
+        """Keep a failed flush's batch; after repeated failures that an unreachable database
+        does not explain, without its denial records."""
+        if _passes(exc):
+            self.crashes_in_a_row = 0
+        else:
+            self.crashes_in_a_row += 1
+            if self.crashes_in_a_row >= SET_ASIDE_AFTER_CRASHES and not taken.committing:
+                self._set_aside_denials(batch)
+        self._keep(batch, taken)
+
+    def _set_aside_denials(self, batch: _Buffers) -> None:
+        """Drop a crashing batch's denial records (each refusal stays in the verifications'
+        counts and metrics): the one thing a flush may lose, and only after repeated crashes."""
+        rows = batch.denial_rows()
+        if not rows:
+            return
+        self.denials_set_aside += rows
+        logger.error(
+            "usage flush crashed %d times in a row; setting aside its %d denial records so "
+            "the counts are written",
+            self.crashes_in_a_row,
+            rows,
+        )
+        batch.denials.clear()
+        batch.folded.clear()
 
     def _keep(self, batch: _Buffers, taken: _Taken) -> None:
         """A failed flush's counts: put back, or held when it failed at its COMMIT (`_InDoubt`)."""
@@ -886,10 +949,10 @@ class UsageRecorder:
                             environment_id=d.key.environment_pk if d.key else None,
                             key_id=d.key.key_id if d.key else None,
                             at=d.at,
-                            ip=d.ip[:45],
-                            origin=d.origin[:ORIGIN_LIMIT] if d.origin else None,
-                            code=d.code,
-                            message=d.message[:MESSAGE_LIMIT],
+                            ip=_storable(d.ip, 45),
+                            origin=_storable(d.origin, ORIGIN_LIMIT) if d.origin else None,
+                            code=_storable(d.code, 32),
+                            message=_storable(d.message, MESSAGE_LIMIT),
                             count=d.count,
                         )
                         for d in denials

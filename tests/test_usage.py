@@ -22,10 +22,10 @@ from starlette.applications import Starlette
 
 from app.cache import record_from_model
 from app.tokens import KeyType, mint_token
-from app.usage import UsageRecorder, _ints
+from app.usage import SET_ASIDE_AFTER_CRASHES, UsageRecorder, _ints
 from models import ApiKey, Denial, UsageBucket
 from tests.conftest import make_workspace
-from tests.support import OffsetClock, WorkspaceHandle, verify
+from tests.support import OffsetClock, WorkspaceHandle, flushes_stopped, verify
 
 KEY_USAGE = """query($id: ID!) { key(id: $id) { usage {
     totalRequests successfulRequests failedRequests lastUsedAt } } }"""
@@ -595,3 +595,63 @@ def test_int_columns_are_formatted_as_postgresql_splits_them() -> None:
     """The flush's integer columns: comma-separated decimal texts, as `str` would write them."""
     for values in ([], [0], [1, 2, 0, 10**12, 2**63 - 1], list(range(-3, 300))):
         assert _ints(values) == ",".join(str(value) for value in values)
+
+
+async def test_denial_text_is_stored_as_valid_utf8(
+    app: Starlette, uws: WorkspaceHandle, peer: tuple[str, httpx.AsyncClient], clock: OffsetClock
+) -> None:
+    """Half a surrogate pair (which the verifier no longer lets into a message) is written as
+    its escape: no encoder accepts it, and one such record used to fail every later flush."""
+    ws, ip = uws, peer[0]
+    key_id, secret = await ws.create_key(allowedIps=["192.0.2.1"])
+    usage = recorder(app)
+    async with flushes_stopped(usage):
+        assert await verify(ws.client, secret) == "IP_NOT_ALLOWED"
+        usage.record(
+            now=clock.now(),
+            code="INVALID_KEY",
+            key=None,
+            ip=ip,
+            origin="https://\udc80.test",
+            message="x\ud800y",
+        )
+        assert await usage.flush()
+        assert usage.pending_denials == 0
+    rows = await Denial.filter(ip=ip, code="INVALID_KEY").values_list("message", "origin")
+    assert rows == [("x\\ud800y", "https://\\udc80.test")]
+    assert (await ws.q(DENIALS, {"key": key_id}))["denials"]["totalCount"] == 1
+
+
+async def test_a_denial_no_database_can_store_stops_only_its_own_batch(
+    app: Starlette, uws: WorkspaceHandle, peer: tuple[str, httpx.AsyncClient], clock: OffsetClock
+) -> None:
+    """Defense in depth: should a bug ever let a record no database can take into the denial
+    log (here one without an IP), the flush fails, keeps everything, and after
+    SET_ASIDE_AFTER_CRASHES failures in a row sets the batch's denial records aside: the
+    counts are written, nothing else is lost, and later denials are written again."""
+    ws = uws
+    key_id, secret = await ws.create_key(allowedIps=["192.0.2.1"])
+    usage = recorder(app)
+    async with flushes_stopped(usage):
+        assert await usage.flush()
+        set_aside = usage.denials_set_aside
+        usage.record(
+            now=clock.now(), code="INVALID_KEY", key=None, ip=None, origin=None, message="bug"
+        )
+        for _ in range(3):
+            assert await verify(ws.client, secret) == "IP_NOT_ALLOWED"
+        for _ in range(SET_ASIDE_AFTER_CRASHES - 1):
+            assert not await usage.flush()  # failed: every count and record kept
+            assert usage.pending_requests == 3 and usage.pending_denials == 4
+        assert not await usage.flush()  # failed again: its 4 denial records set aside
+        assert usage.denials_set_aside == set_aside + 4
+        assert usage.pending_requests == 3 and usage.pending_denials == 0
+        assert await usage.flush()
+        assert (await key_usage(ws, key_id))["failedRequests"] == 3
+        # The log takes new records again.
+        assert await verify(ws.client, secret) == "IP_NOT_ALLOWED"
+        assert await usage.flush()
+    denials = (await ws.q(DENIALS, {"key": key_id}))["denials"]
+    assert denials["totalCount"] == 1
+    metrics = (await ws.client.get("/metrics")).text
+    assert f"keyplane_usage_denials_set_aside_total {set_aside + 4}" in metrics
