@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -12,24 +11,19 @@ from app.net import normalise_origins
 from app.permissions import KEY_CREATE, KEY_UPDATE, KEY_VIEW
 from app.services import Services, audit
 from app.services.principal import Principal
-from app.services.validation import require_public_id
+from app.services.validation import clean_name, require_public_id
 from app.tokens import KeyType, display_prefix, hash_secret, mint_token, new_public_id
 from models import ApiKey, Environment, KeyKind, KeyStatus, Workspace
 
-_ENV_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+MAX_ENVIRONMENT_NAME = 64
 ROTATION_POLICY_DAYS = {"production": 90, "staging": 90, "development": 180}
 DEFAULT_ROTATION_POLICY_DAYS = 90
 
 
 def check_environment_name(name: str) -> str:
-    if not _ENV_NAME_RE.match(name):
-        shown = name if len(name) <= 64 else name[:64] + "…"
-        raise ValidationFailed(
-            f"environment name {shown!r} must be 1 to 64 characters: lowercase letters, digits, "
-            "'-' and '_', starting with a letter or digit",
-            field="name",
-        )
-    return name
+    """Any name (the contract's `production`, `staging`, `development`, or any name): 1 to 64
+    printable characters once stripped, and not shaped like a secret."""
+    return clean_name(name, "environment name", MAX_ENVIRONMENT_NAME, field="name")
 
 
 async def create_environment_rows(workspace: Workspace, name: str, now: datetime) -> Environment:
@@ -79,7 +73,7 @@ async def get_environment(principal: Principal, environment_id: str) -> Environm
 
 async def create_environment(services: Services, principal: Principal, name: str) -> Environment:
     principal.require(KEY_CREATE)
-    name = check_environment_name(name.strip())
+    name = check_environment_name(name)
     now = services.clock.now()
     async with transaction():
         workspace = await Workspace.get(id=principal.workspace_id)

@@ -13,19 +13,24 @@ MAX_NAME = 100
 MAX_DESCRIPTION = 1000
 
 
-def clean_name(value: str, what: str = "name", limit: int = MAX_NAME) -> str:
-    """Strip a display name and check it is 1..limit printable characters."""
+def clean_name(
+    value: str, what: str = "name", limit: int = MAX_NAME, field: str | None = None
+) -> str:
+    """Strip a display name and check it is 1..limit printable characters. `field`: the
+    argument it came in (default `what`)."""
+    what_field = field or what
     name = value.strip()
     if not name:
-        raise ValidationFailed(f"{what} must not be empty", field=what)
+        raise ValidationFailed(f"{what} must not be empty", field=what_field)
     if len(name) > limit:
         raise ValidationFailed(
-            f"{what} {name[:40]!r}… is {len(name)} characters; the limit is {limit}", field=what
+            f"{what} {name[:40]!r}… is {len(name)} characters; the limit is {limit}",
+            field=what_field,
         )
     if any(not ch.isprintable() for ch in name):
-        raise ValidationFailed(f"{what} {name!r} contains control characters", field=what)
+        raise ValidationFailed(f"{what} {name!r} contains control characters", field=what_field)
     if looks_like_secret(name):
-        raise ValidationFailed(f"{what} must not contain an API key or token", field=what)
+        raise ValidationFailed(f"{what} must not contain an API key or token", field=what_field)
     return name
 
 
