@@ -910,6 +910,16 @@ class UsageRecorder:
             existing.count += denial.count
 
     async def _write(self, batch: _Buffers, dirty: list[KeyRecord], taken: _Taken) -> None:
+        # The tallies are taken first, before any statement can fail: a failed flush puts back
+        # what it took (`_merge_back`), but a key whose tally it never read would be on no
+        # list any more, and its counts (and every later one) never written.
+        postgres = self.settings.is_postgres
+        if postgres:  # encoded before taking a connection
+            await self._take(dirty, batch, taken)
+            # The counts not taken from tallies (an hour that turned, rows put back).
+            others = await _encoded_buckets(list(batch.keys.items()))
+        else:
+            _drain(dirty, batch)
         denials = [*batch.denials, *batch.folded.values()]
         prefixes = {d.prefix for d in denials if d.key is None and d.prefix}
         owners: dict[str, int] = {}
@@ -922,13 +932,6 @@ class UsageRecorder:
             ):
                 seen.setdefault(str(prefix), []).append(int(ws_pk))
             owners = {p: pks[0] for p, pks in seen.items() if len(pks) == 1}
-        postgres = self.settings.is_postgres
-        if postgres:  # encoded before taking a connection
-            await self._take(dirty, batch, taken)
-            # The counts not taken from tallies (an hour that turned, rows put back).
-            others = await _encoded_buckets(list(batch.keys.items()))
-        else:
-            _drain(dirty, batch)
         learned: dict[str, int] = {}
         async with transaction() as conn:
             await self._note_flush(conn, taken.sequence)

@@ -785,18 +785,35 @@ async def test_database_refusing_connections_fails_closed_with_503_not_500(
 
 
 async def test_usage_counts_survive_a_database_refusing_connections(db: FaultDatabase) -> None:
-    env = {"KEYPLANE_MAX_STALENESS_SECONDS": "30", "KEYPLANE_FLUSH_INTERVAL_SECONDS": "0.5"}
+    """Also with the denial of a well-formed unknown token in the refused flush: the flush
+    looks up which workspace uses that prefix, and when that lookup came before the keys'
+    counts were taken, its failure lost them (and every later count of those keys)."""
+    env = {"KEYPLANE_MAX_STALENESS_SECONDS": "30", "KEYPLANE_FLUSH_INTERVAL_SECONDS": "1.5"}
     ip = "198.51.100.6"
     with keyplane(db.url, env) as server:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
             env_id = await production_env(http, db.token)
             key_id, secret = await create_key(http, db.token, env_id)
-            answers = [await verify(http, secret, ip) for _ in range(3)]
+            answers = [await verify(http, secret, ip)]
+
+            async def flush_lag() -> float:
+                text = (await http.get("/metrics")).text
+                return float(text.split("\nkeyplane_usage_flush_lag_seconds ")[1].split()[0])
+
+            # Just after a flush, so the next one (1.5 s on) is refused with both in its batch.
+            deadline = time.monotonic() + 10
+            while await flush_lag() > 0.2:
+                assert time.monotonic() < deadline, "no flush seen"
+                await asyncio.sleep(0.02)
+            answers += [await verify(http, secret, ip) for _ in range(3)]
+            unknown = mint_token("kp", KeyType.SERVER)
+            assert (await verify(http, unknown, ip)).code == "INVALID_KEY"
             await asyncio.to_thread(db.refuse_connections)
-            for _ in range(10):  # spread over three flush intervals, each flush refused
+            for _ in range(20):  # spread over two flush intervals, each flush refused
                 answers.append(await verify(http, secret, ip))
                 await asyncio.sleep(0.15)
             assert {a.code for a in answers} == {"VALID"}  # served from the cache (stale)
+            assert "keyplane_usage_flush_failures_total 0" not in (await http.get("/metrics")).text
             await asyncio.to_thread(db.accept_connections)
             expected = (len(answers), len(answers), 0)
             counted, _ = await eventually(
