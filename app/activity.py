@@ -16,7 +16,7 @@ from app.cache import shared
 from app.clock import Clock
 from app.db import DATABASE_ERRORS, transaction
 from app.net import Address, ip_allowed, parse_address
-from app.permissions import missing_permissions
+from app.permissions import is_permission, missing_permissions
 from app.settings import Settings
 from app.verifier import KeyRecord
 from models import Anomaly, KeyIp, KeyPermissionUse
@@ -24,6 +24,7 @@ from models import Anomaly, KeyIp, KeyPermissionUse
 logger = logging.getLogger("keyplane.activity")
 
 MAX_BUFFERED = 50_000
+IP_TEXT_LIMIT = 45  # `key_ips.ip`: an IPv6 address with a zone (`fe80::1%eth0`) can be longer
 MAX_ANOMALIES_PER_KEY_PER_FLUSH = 20
 MAX_REMEMBERED = 200_000  # written (key, IP) and (key, permission) pairs kept in memory
 LAST_SEEN_PRECISION = timedelta(hours=1)  # NEW_IP works in days: last_seen needs no more
@@ -110,9 +111,13 @@ class ActivityRecorder:
                 # Seen within the hour and written: nothing to learn or to write, and the key
                 # remembers it, so the next request from this IP needs no lookup.
                 memo.seen_ip, memo.seen_until = text, self._shared_until(until)
-            elif address is not None and not (
-                # An IP on the key's own allowlist is expected, never news.
-                key.allowed_networks and ip_allowed(address, key.allowed_networks)
+            elif (
+                address is not None
+                and len(text) <= IP_TEXT_LIMIT  # else not storable, and no use for NEW_IP
+                and not (
+                    # An IP on the key's own allowlist is expected, never news.
+                    key.allowed_networks and ip_allowed(address, key.allowed_networks)
+                )
             ):
                 seen = self._ips.get(marker_ip)
                 if seen is not None:
@@ -124,6 +129,11 @@ class ActivityRecorder:
         for permission in required:
             marker = (key.key_id, permission)
             if marker in self._permissions or marker in self._stored_permissions:
+                continue
+            if not is_permission(permission):
+                # No key can hold it, so its first use is no news; and it may not be storable
+                # (NUL, longer than the column: two such that share their first 128
+                # characters made the flush fail on the unique index, every time).
                 continue
             if len(self._permissions) >= MAX_BUFFERED:
                 self.dropped += 1
@@ -247,9 +257,7 @@ class ActivityRecorder:
                     detail = f"asked for permission {permission}, which it does not hold"
                 add(asked.record, "UNUSED_PERMISSION", asked.first, detail)
                 new_permissions.append(
-                    KeyPermissionUse(
-                        key_id=key_id, permission=permission[:128], first_used=asked.first
-                    )
+                    KeyPermissionUse(key_id=key_id, permission=permission, first_used=asked.first)
                 )
             if new_ips:
                 await KeyIp.bulk_create(new_ips, batch_size=1000)

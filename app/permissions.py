@@ -7,7 +7,8 @@ from collections.abc import Iterable, Sequence
 
 MAX_PERMISSIONS = 100
 MAX_PERMISSION_LENGTH = 128
-_PERMISSION_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*(\.[a-z0-9][a-z0-9_-]*)*(\.\*)?$|^\*$")
+# Matched whole (`fullmatch`): with `$`, "pdf.read\n" matched too.
+_PERMISSION_RE = re.compile(r"[a-z0-9][a-z0-9_-]*(\.[a-z0-9][a-z0-9_-]*)*(\.\*)?|\*")
 
 # What a management token or member may do in its workspace.
 KEY_VIEW = "api.key.view"
@@ -25,12 +26,17 @@ def validate_permission(value: str) -> str:
         raise ValueError(
             f"permission {value[:40]!r}… is longer than {MAX_PERMISSION_LENGTH} characters"
         )
-    if not _PERMISSION_RE.match(value):
+    if not _PERMISSION_RE.fullmatch(value):
         raise ValueError(
             f"invalid permission {value!r}: use dotted lowercase segments "
             "(a-z, 0-9, _ and -), optionally ending in .* (e.g. pdf.generate, pdf.*)"
         )
     return value
+
+
+def is_permission(value: str) -> bool:
+    """Whether a text is a well-formed permission, one a key could hold."""
+    return len(value) <= MAX_PERMISSION_LENGTH and _PERMISSION_RE.fullmatch(value) is not None
 
 
 def validate_permissions(values: Sequence[str]) -> list[str]:

@@ -361,10 +361,13 @@ def _passes(exc: BaseException) -> bool:
 
 
 def _storable(text: str, limit: int) -> str:
-    """Text any database column takes: at most `limit` characters, and valid UTF-8 (half a
-    surrogate pair, which no encoder accepts, is written as its escape)."""
+    """Text any database column takes: at most `limit` characters, valid UTF-8 (half a
+    surrogate pair, which no encoder accepts, is written as its escape) and no NUL (which
+    PostgreSQL text cannot hold)."""
     if not text.isascii():
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
     return text[:limit]
 
 

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from enum import Enum
 
 from app.net import Address, Network, ip_allowed
-from app.permissions import missing_permissions
+from app.permissions import is_permission, missing_permissions
 from app.tokens import parse_token
 
 _NEVER = datetime.min.replace(tzinfo=UTC)
@@ -201,6 +201,15 @@ def verify(facts: RequestFacts, record: KeyRecord | None, now: datetime) -> Deci
     return judge(facts, record, now)
 
 
+def _shown(permission: str) -> str:
+    """A missing permission as the message shows it. One no key could hold (control
+    characters, NUL, half a surrogate pair, text beyond ASCII) is shown escaped, as `ascii()`
+    writes it: the message is stored in the denial log, and PostgreSQL text holds no NUL."""
+    if is_permission(permission):
+        return permission
+    return ascii(permission[:64])[1:-1]
+
+
 def judge(facts: RequestFacts, record: KeyRecord | None, now: datetime) -> Decision:
     """Steps 3-10 for a token already known to pass steps 1-2 (prechecked, or found in the key
     cache, which only ever holds hashes of well-formed tokens)."""
@@ -227,10 +236,7 @@ def judge(facts: RequestFacts, record: KeyRecord | None, now: datetime) -> Decis
     if facts.required:
         missing = missing_permissions(record.permissions, facts.required)
         if missing:
-            # Shown as valid UTF-8 whatever was asked: the message is stored in the denial log.
-            shown = ", ".join(
-                m[:64].encode("utf-8", "backslashreplace").decode("utf-8") for m in missing[:10]
-            )
+            shown = ", ".join(_shown(m) for m in missing[:10])
             return _decide(
                 Code.INSUFFICIENT_PERMISSIONS,
                 record,

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from models import KeyPermissionUse
 from tests.support import OffsetClock, WorkspaceHandle, verify
 
 ANOMALIES = """query($since: DateTime) {
@@ -166,3 +167,45 @@ class StatementCount(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         self.count += 1
         return True
+
+
+async def test_what_a_refused_caller_asks_for_is_not_recorded(
+    app: Starlette, ws: WorkspaceHandle
+) -> None:
+    """A client-side ID is public: without its Origin (ORIGIN_NOT_ALLOWED) anyone could make
+    it write any number of permission rows and UNUSED_PERMISSION anomalies. Only a caller that
+    passed the key's own checks has its requirements recorded."""
+    client_side_id = ws.client_side_ids["production"]
+    asked = ",".join(f"flood.p{i}" for i in range(50))
+    await app.state.activity.flush()
+    assert await verify(ws.client, client_side_id, asked) == "ORIGIN_NOT_ALLOWED"
+    key_id, secret = await ws.create_key(permissions=["pdf.read"])
+    await ws.q(
+        "mutation($id: ID!) { setStatus(id: $id, status: DISABLED) { __typename } }",
+        {"id": key_id},
+    )
+    assert await verify(ws.client, secret, "pdf.read,billing.write") == "DISABLED"
+    await flush(app)
+    assert await KeyPermissionUse.filter(permission__startswith="flood.").count() == 0
+    assert await KeyPermissionUse.filter(key_id=key_id).count() == 0
+    data = await ws.q(ANOMALIES, {})
+    assert [a for a in data["anomalies"] if a["kind"] == "UNUSED_PERMISSION"] == []
+
+
+async def test_permissions_no_key_could_hold_are_not_recorded_and_the_flush_goes_on(
+    app: Starlette, ws: WorkspaceHandle
+) -> None:
+    """Two permissions that shared their first 128 characters were both stored cut to 128:
+    the unique index refused the flush, and every later flush, for good. A NUL did the same on
+    PostgreSQL. Such texts are not permissions a key could hold: they are not recorded."""
+    key_id, secret = await ws.create_key(permissions=["pdf.read"])
+    long = "a" * 128
+    for asked in (f"{long}x", f"{long}y", "Pdf.Read"):
+        assert await verify(ws.client, secret, asked) == "INSUFFICIENT_PERMISSIONS"
+    response = await ws.client.get("/v1/verify?permissions=pdf.%00x", headers={"X-API-Key": secret})
+    assert response.json()["code"] == "INSUFFICIENT_PERMISSIONS"
+    assert await verify(ws.client, secret, "pdf.read") == "VALID"
+    await flush(app)
+    assert app.state.activity.pending == 0
+    details = [h["detail"] for h in await found(ws, key_id, "UNUSED_PERMISSION")]
+    assert details == ["first use of permission pdf.read"]

@@ -299,3 +299,61 @@ def test_a_missing_permission_is_shown_as_valid_utf8() -> None:
     assert decision.code is Code.INSUFFICIENT_PERMISSIONS
     decision.message.encode("utf-8")  # storable; the surrogate is shown escaped
     assert "\\ud800" in decision.message
+
+
+async def test_a_nul_asked_for_is_shown_escaped_and_the_denial_log_takes_it(
+    app: Starlette, ws: WorkspaceHandle
+) -> None:
+    """PostgreSQL text holds no NUL: echoed into the message, `?permissions=pdf.%00x` failed
+    every flush that held its denial, with every other denial of that batch. A permission no key
+    could hold is now shown escaped, as `ascii()` writes it."""
+    key_id, secret = await ws.create_key(permissions=["pdf.read"])
+    # An IP of its own: the default peer's denials may be folded past the per-IP rate.
+    transport = httpx.ASGITransport(app=app, client=("198.18.250.1", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://kp.test") as client:
+        response = await client.get(
+            "/v1/verify?permissions=pdf.read,pdf.%00x,caf%C3%A9", headers={"X-API-Key": secret}
+        )
+    assert (response.status_code, response.json()["code"]) == (403, "INSUFFICIENT_PERMISSIONS")
+    message = response.json()["message"]
+    assert message == "Missing required permissions: pdf.\\x00x, caf\\xe9"
+    usage = app.state.usage
+    assert await usage.flush()
+    assert usage.pending_denials == 0
+    data = await ws.q(
+        "query($k: ID) { denials(keyId: $k) { edges { node { message } } } }", {"k": key_id}
+    )
+    assert [e["node"]["message"] for e in data["denials"]["edges"]] == [message]
+
+
+async def test_repeated_permission_headers_each_add_requirements(ws: WorkspaceHandle) -> None:
+    """Two `X-Required-Permissions` lines are one list (RFC 9110 5.3): the second no longer
+    replaces the first, so a caller cannot undo a gateway's requirement by adding a line."""
+    _, secret = await ws.create_key(permissions=["pdf.read"])
+    lines = [
+        ("X-API-Key", secret),
+        ("X-Required-Permissions", "admin.all"),
+        ("X-Required-Permissions", "pdf.read"),
+    ]
+    response = await ws.client.get("/v1/verify", headers=lines)
+    assert response.json()["code"] == "INSUFFICIENT_PERMISSIONS"
+    assert response.json()["message"] == "Missing required permissions: admin.all"
+    lines[1] = ("X-Required-Permissions", "pdf.read")
+    assert (await ws.client.get("/v1/verify", headers=lines)).json()["code"] == "VALID"
+
+
+@pytest.mark.parametrize("permission", ["pdf.read\n", "pdf.read\n\n", "\npdf.read"])
+async def test_a_permission_is_matched_whole(ws: WorkspaceHandle, permission: str) -> None:
+    """`$` also matches before a final newline: "pdf.read\\n" was accepted as a permission."""
+    data = await ws.q(
+        """mutation($input: CreateKeyInput!) { createKey(input: $input) {
+             __typename ... on Error { message } } }""",
+        {
+            "input": {
+                "environmentId": ws.environments["production"],
+                "name": "k",
+                "permissions": [permission],
+            }
+        },
+    )
+    assert data["createKey"]["__typename"] == "ValidationFailedError", data

@@ -61,6 +61,8 @@ from app.verifier import (
 JSON_HEADERS = (b"content-type", b"application/json")
 MEMO_SIZE = 4096
 NO_BODY: dict[str, Any] = {}  # read only, never mutated
+# The answers to a caller that passed the key's own checks (status, expiry, IP, Origin).
+_ASKED_BY_HOLDER = frozenset({Code.VALID, Code.INSUFFICIENT_PERMISSIONS})
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -177,7 +179,10 @@ class VerifyEndpoint:
             elif name == b"x-forwarded-for":
                 forwarded.append(value.decode("latin-1"))
             elif name == b"x-required-permissions":
-                permissions_header = value.decode("latin-1")
+                # Repeated lines are one list (RFC 9110 5.3): each adds requirements, none
+                # replaces a gateway's.
+                text = value.decode("latin-1")
+                permissions_header = f"{permissions_header},{text}" if permissions_header else text
             elif name == b"origin":
                 origin_header = value.decode("latin-1")
         method = scope["method"]
@@ -224,7 +229,13 @@ class VerifyEndpoint:
         record = decision.record
         if record is not None:
             self.activity.observe_address(
-                now=now, key=record, address=address, text=ip_text, required=facts.required
+                now=now,
+                key=record,
+                address=address,
+                text=ip_text,
+                # What a key was asked for counts only from a caller that passed the key's own
+                # checks: a public client-side ID without its Origin could write any number.
+                required=facts.required if decision.code in _ASKED_BY_HOLDER else (),
             )
         self.usage.record(
             now=now,
