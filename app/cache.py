@@ -383,10 +383,11 @@ class KeyCache:
         self._slots = _Slots()  # what the refresh sends for the cached keys
         self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}
         self._generation = 0  # bumped by `clear`: no fill that started before it is stored
-        # Hashes invalidated while their fill was in flight: that fill is not stored. Only the
-        # fills of the keys named are affected; another key's invalidation does not hold back
-        # a fill (other processes' NOTIFYs arrive at any moment).
-        self._raced: set[str] = set()
+        # Lookups of keys invalidated while they were in flight: what they read is not stored,
+        # and no caller that comes after the invalidation joins them (it starts a read of its
+        # own). Only the fills of the keys named are affected; another key's invalidation does
+        # not hold back a fill (other processes' NOTIFYs arrive at any moment).
+        self._raced: set[asyncio.Future[KeyRecord | None]] = set()
         self._round = 0  # recency round (RECENCY_ROUNDS)
         self._fills = 0  # fills in this round
         self._fill_until = -math.inf  # the fresh_until the latest fills share (`_store`)
@@ -425,12 +426,17 @@ class KeyCache:
         self._forget(self._entries.pop(secret_hash, None))
 
     def _hold_back(self, secret_hash: str) -> None:
-        """A fill of this key now in flight read it before it changed: it is not stored."""
-        if secret_hash in self._inflight:
-            self._raced.add(secret_hash)
+        """A lookup of this key now in flight may have read it before it changed: it is not
+        stored, and later callers do not join it (the contract: refused from the moment the
+        mutation returns)."""
+        pending = self._inflight.pop(secret_hash, None)
+        if pending is not None:
+            self._raced.add(pending)
 
     def clear(self) -> None:
         self._generation += 1
+        self._raced.update(self._inflight.values())
+        self._inflight.clear()
         self._entries.clear()
         self._slots = _Slots()  # a refresh in progress sees it is no longer the cache's, and stops
 
@@ -519,9 +525,10 @@ class KeyCache:
         else:
             future.set_result(record)
         finally:
-            self._inflight.pop(secret_hash, None)
-            raced = secret_hash in self._raced
-            self._raced.discard(secret_hash)
+            if self._inflight.get(secret_hash) is future:
+                del self._inflight[secret_hash]
+            raced = future in self._raced
+            self._raced.discard(future)
             if not future.done():  # the loader died otherwise (cancelled, a bug): free waiters
                 future.set_exception(Unavailable("key lookup abandoned"))
                 future.exception()

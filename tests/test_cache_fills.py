@@ -129,3 +129,41 @@ async def test_an_invalidation_holds_back_only_the_fills_of_the_keys_it_names(
     cache.clear()
     assert await again is not None
     assert cache.fresh(hash_secret(changed)) is None
+
+
+@pytest.mark.parametrize("change", ["setStatus", "clear"])
+async def test_a_request_after_a_change_never_joins_a_lookup_that_read_before_it(
+    app: Starlette, ws: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """A lookup that read the key before a disable returned may answer its own callers (they
+    raced the change), but a request that starts after the mutation returned must not join
+    it: the contract refuses from the moment the mutation returns. It used to join, and got
+    VALID from the read of before."""
+    key_id, secret = await ws.create_key()
+    read, release = asyncio.Event(), asyncio.Event()
+    real = cache_module.load_rows
+
+    async def slow_answer(secret_hashes: Sequence[str]) -> dict[str, dict[str, Any]]:
+        rows = await real(secret_hashes)  # the real read, then a slow reply
+        read.set()
+        await release.wait()
+        return rows
+
+    monkeypatch.setattr(cache_module, "load_rows", slow_answer)
+    before = asyncio.create_task(ws.client.get("/v1/verify", headers={"X-API-Key": secret}))
+    await asyncio.wait_for(read.wait(), 5)
+    data = await ws.q(
+        "mutation($id: ID!) { setStatus(id: $id, status: DISABLED) { __typename } }",
+        {"id": key_id},
+    )
+    assert data["setStatus"]["__typename"] == "SetStatusSuccess"
+    if change == "clear":  # as when the PostgreSQL listener reconnects: every entry dropped
+        cache_of(app).clear()
+    monkeypatch.setattr(cache_module, "load_rows", real)
+    after = await asyncio.wait_for(ws.client.get("/v1/verify", headers={"X-API-Key": secret}), 5)
+    assert (after.status_code, after.json()["code"]) == (401, "DISABLED")
+    release.set()
+    assert (await before).json()["code"] == "VALID"  # it raced the change: either answer
+    # And what it read is not stored: the next request is refused too.
+    again = await ws.client.get("/v1/verify", headers={"X-API-Key": secret})
+    assert again.json()["code"] == "DISABLED"
