@@ -209,3 +209,20 @@ async def test_permissions_no_key_could_hold_are_not_recorded_and_the_flush_goes
     assert app.state.activity.pending == 0
     details = [h["detail"] for h in await found(ws, key_id, "UNUSED_PERMISSION")]
     assert details == ["first use of permission pdf.read"]
+
+
+async def test_a_client_address_too_long_to_store_does_not_stop_the_activity_flush(
+    app: Starlette, ws: WorkspaceHandle
+) -> None:
+    """An IPv6 peer with a zone (`fe80::1%<zone>`) can be longer than `key_ips.ip`: on
+    PostgreSQL the write failed, and the flush kept failing with it. Such an address is not
+    recorded; the rest of the batch is."""
+    key_id, secret = await ws.create_key()
+    zoned = "fe80::1%" + "z" * 60
+    transport = httpx.ASGITransport(app=app, client=(zoned, 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://kp.test") as client:
+        assert await verify(client, secret, "pdf.read") == "INSUFFICIENT_PERMISSIONS"
+    await flush(app)
+    assert app.state.activity.pending == 0
+    details = [h["detail"] for h in await found(ws, key_id, "UNUSED_PERMISSION")]
+    assert details == ["asked for permission pdf.read, which it does not hold"]

@@ -357,3 +357,15 @@ async def test_a_permission_is_matched_whole(ws: WorkspaceHandle, permission: st
         },
     )
     assert data["createKey"]["__typename"] == "ValidationFailedError", data
+
+
+async def test_a_body_key_is_read_as_a_header_key_is(ws: WorkspaceHandle) -> None:
+    """Same checks whichever way the key arrives: a header's value comes without surrounding
+    whitespace, so the body's is stripped too (it was INVALID_KEY)."""
+    _, secret = await ws.create_key()
+    for key in (f" {secret}", f"{secret}\n", f"\t{secret} "):
+        body = await ws.client.post("/v1/verify", json={"key": key})
+        header = await ws.client.get("/v1/verify", headers={"X-API-Key": key.strip()})
+        assert body.json()["code"] == header.json()["code"] == "VALID"
+    blank = await ws.client.post("/v1/verify", json={"key": "   "})
+    assert (blank.status_code, blank.json()["code"]) == (401, "MISSING_KEY")

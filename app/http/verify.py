@@ -196,8 +196,8 @@ class VerifyEndpoint:
             token = authorization[7:].strip() or None
         if token is None and api_key:
             token = api_key.strip() or None
-        if token is None and isinstance(key := body.get("key"), str) and key:
-            token = key
+        if token is None and isinstance(key := body.get("key"), str):
+            token = key.strip() or None  # as a header's value is: the same key either way
 
         # Every source counts: a caller can add requirements but never replace a gateway's
         # (a gateway that puts them in the query string cannot be overridden by a header).
