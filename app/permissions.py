@@ -17,7 +17,18 @@ KEY_UPDATE = "api.key.update"
 KEY_DELETE = "api.key.delete"
 TOKEN_CREATE = "api.token.create"
 MEMBER_MANAGE = "member.manage"
-OPERATOR_PERMISSIONS = (KEY_VIEW, KEY_CREATE, KEY_UPDATE, KEY_DELETE, TOKEN_CREATE, MEMBER_MANAGE)
+# Granting, changing or removing the OWNER role (besides member.manage): owners only, so an
+# ADMIN cannot make itself OWNER or demote the owners.
+MEMBER_OWNER = "member.owner"
+OPERATOR_PERMISSIONS = (
+    KEY_VIEW,
+    KEY_CREATE,
+    KEY_UPDATE,
+    KEY_DELETE,
+    TOKEN_CREATE,
+    MEMBER_MANAGE,
+    MEMBER_OWNER,
+)
 
 
 def validate_permission(value: str) -> str:

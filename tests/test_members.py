@@ -176,3 +176,76 @@ async def test_failed_logins_are_rate_limited_per_ip(
             assert result["code"] == "INVALID_CREDENTIALS"
         body = await gql(client, LOGIN, {"e": email, "p": PASSWORD}, expect_status=429)
         assert body["errors"][0]["extensions"]["code"] == "RATE_LIMITED"
+
+
+async def _admin_session(ws: WorkspaceHandle) -> tuple[str, str]:
+    """An ADMIN member, logged in: (member ID, session token)."""
+    data = await ws.q(INVITE, {"e": _email(ws, "admin"), "r": "ADMIN"})
+    member_id = data["inviteMember"]["member"]["id"]
+    await Member.filter(public_id=member_id).update(password_hash=hash_password(PASSWORD))
+    token = str((await _login(ws.client, _email(ws, "admin"), PASSWORD))["token"])
+    return member_id, token
+
+
+async def test_an_admin_cannot_grant_change_or_remove_the_owner_role(
+    ws: WorkspaceHandle, clock: OffsetClock
+) -> None:
+    """member.manage lets an ADMIN manage members, but only an owner (member.owner) grants,
+    changes or takes away OWNER: an ADMIN could make itself OWNER and demote the owners."""
+    owner = await Member.get(email=await _owner(ws, clock))
+    admin_id, token = await _admin_session(ws)
+    attempts = {
+        "self": ("updateMember(id: $id, role: OWNER)", admin_id),
+        "demote": ("updateMember(id: $id, role: VIEWER)", owner.public_id),
+        "remove": ("removeMember(id: $id)", owner.public_id),
+    }
+    for name, (call, member_id) in attempts.items():
+        body = await gql(
+            ws.client,
+            f"mutation($id: ID!) {{ {call} {{ __typename }} }}",
+            {"id": member_id},
+            token=token,
+        )
+        assert body["errors"][0]["extensions"]["code"] == "FORBIDDEN", (name, body)
+    invite = await gql(ws.client, INVITE, {"e": _email(ws, "boss"), "r": "OWNER"}, token=token)
+    assert invite["errors"][0]["extensions"]["code"] == "FORBIDDEN"
+    minted = await gql(
+        ws.client,
+        """mutation { createManagementToken(name: "t", permissions: ["member.owner"]) {
+             __typename } }""",
+        token=token,
+    )
+    assert minted["errors"][0]["extensions"]["code"] == "FORBIDDEN"
+    assert (await Member.get(public_id=admin_id)).role.value == "ADMIN"
+    assert (await Member.get(id=owner.id)).role.value == "OWNER"
+    # The ADMIN still manages the other roles; an owner may grant OWNER.
+    viewer = await gql(ws.client, INVITE, {"e": _email(ws, "v"), "r": "VIEWER"}, token=token)
+    assert viewer["data"]["inviteMember"]["__typename"] == "InviteMemberSuccess"
+    promoted = await ws.q(
+        "mutation($id: ID!) { updateMember(id: $id, role: OWNER) { __typename } }",
+        {"id": admin_id},
+    )
+    assert promoted["updateMember"]["__typename"] == "UpdateMemberSuccess"
+
+
+async def test_an_invitation_not_accepted_does_not_count_as_an_owner(
+    ws: WorkspaceHandle, clock: OffsetClock
+) -> None:
+    """Counting a pending OWNER invitation let the one real owner step down, and the invitation
+    then be turned into a VIEWER: a workspace with no owner."""
+    owner = await Member.get(email=await _owner(ws, clock))
+    pending = (await ws.q(INVITE, {"e": _email(ws, "later"), "r": "OWNER"}))["inviteMember"]
+    data = await ws.q(
+        "mutation($id: ID!) { updateMember(id: $id, role: ADMIN) { ... on Error { code } } }",
+        {"id": owner.public_id},
+    )
+    assert data["updateMember"] == {"code": "INVALID_STATE"}
+    # The invitation itself may change or go: it owns nothing yet.
+    again = await ws.q(INVITE, {"e": _email(ws, "later"), "r": "VIEWER"})
+    assert again["inviteMember"]["member"]["role"] == "VIEWER"
+    gone = await ws.q(
+        "mutation($id: ID!) { removeMember(id: $id) { __typename } }",
+        {"id": pending["member"]["id"]},
+    )
+    assert gone["removeMember"]["__typename"] == "RemoveMemberSuccess"
+    assert (await Member.get(id=owner.id)).role.value == "OWNER"

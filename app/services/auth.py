@@ -6,14 +6,21 @@ import time
 from collections import deque
 from datetime import datetime
 
-from app.permissions import KEY_CREATE, KEY_DELETE, KEY_UPDATE, KEY_VIEW, OPERATOR_PERMISSIONS
+from app.permissions import (
+    KEY_CREATE,
+    KEY_DELETE,
+    KEY_UPDATE,
+    KEY_VIEW,
+    MEMBER_OWNER,
+    OPERATOR_PERMISSIONS,
+)
 from app.services.principal import Principal
 from app.tokens import MANAGEMENT_TAG, SESSION_TAG, hash_secret, parse_bearer
 from models import ManagementToken, MemberRole, Session
 
 MEMBER_PERMISSIONS: dict[MemberRole, frozenset[str]] = {
     MemberRole.OWNER: frozenset(OPERATOR_PERMISSIONS),
-    MemberRole.ADMIN: frozenset(OPERATOR_PERMISSIONS),
+    MemberRole.ADMIN: frozenset(OPERATOR_PERMISSIONS) - {MEMBER_OWNER},
     MemberRole.DEVELOPER: frozenset({KEY_VIEW, KEY_CREATE, KEY_UPDATE, KEY_DELETE}),
     MemberRole.VIEWER: frozenset({KEY_VIEW}),
 }

@@ -16,7 +16,7 @@ from app.passwords import (
     equalise_timing,
     hash_password,
 )
-from app.permissions import KEY_VIEW, MEMBER_MANAGE
+from app.permissions import KEY_VIEW, MEMBER_MANAGE, MEMBER_OWNER
 from app.services import Services, audit
 from app.services.principal import Principal
 from app.services.validation import clean_name, require_public_id
@@ -131,7 +131,26 @@ async def _member(principal: Principal, member_id: str) -> Member:
 
 
 async def _owners(workspace_id: int) -> int:
-    return await Member.filter(workspace_id=workspace_id, role=MemberRole.OWNER).count()
+    """Owners who can log in: an invitation not yet accepted (or lapsed) owns nothing."""
+    return await Member.filter(
+        workspace_id=workspace_id, role=MemberRole.OWNER, password_hash__isnull=False
+    ).count()
+
+
+async def _last_owner(member: Member) -> bool:
+    """Whether this member is the workspace's only owner who can log in."""
+    return (
+        member.role == MemberRole.OWNER
+        and member.password_hash is not None
+        and await _owners(member.workspace_id) <= 1
+    )
+
+
+def _require_owner_rights(principal: Principal, *roles: MemberRole) -> None:
+    """Granting, changing or taking away the OWNER role needs member.owner (owners hold it,
+    admins do not)."""
+    if MemberRole.OWNER in roles:
+        principal.require(MEMBER_OWNER)
 
 
 async def invite_member(
@@ -152,6 +171,7 @@ async def invite_member(
             member.workspace_id != principal.workspace_id or member.password_hash is not None
         ):
             raise ValidationFailed(f"{address!r} is already a member", field="email")
+        _require_owner_rights(principal, role, *([member.role] if member else []))
         if member is None:
             member = await Member.create(
                 public_id=new_public_id("mem"),
@@ -211,11 +231,8 @@ async def update_member(
     now = services.clock.now()
     async with transaction():
         member = await _member(principal, member_id)
-        if (
-            member.role == MemberRole.OWNER
-            and role != MemberRole.OWNER
-            and await _owners(principal.workspace_id) <= 1
-        ):
+        _require_owner_rights(principal, member.role, role)
+        if role != MemberRole.OWNER and await _last_owner(member):
             raise InvalidState("the workspace's last owner cannot be demoted")
         previous = member.role
         member.role = role
@@ -237,7 +254,8 @@ async def remove_member(services: Services, principal: Principal, member_id: str
     now = services.clock.now()
     async with transaction():
         member = await _member(principal, member_id)
-        if member.role == MemberRole.OWNER and await _owners(principal.workspace_id) <= 1:
+        _require_owner_rights(principal, member.role)
+        if await _last_owner(member):
             raise InvalidState("the workspace's last owner cannot be removed")
         await Session.filter(member_id=member.id).delete()
         await member.delete()
