@@ -174,6 +174,22 @@ async def test_failure_spike_far_above_the_keys_baseline(
     assert found[0]["detail"].startswith("60 failed verifications in the last hour")
 
 
+async def test_a_spike_is_dated_by_its_hour_and_since_filters_it(
+    ws: WorkspaceHandle, clock: OffsetClock
+) -> None:
+    """`detectedAt` is the start of the spike's latest hour, not the `since` asked for; a spike
+    whose hour ended before `since`'s hour is not reported (it was, dated `since`)."""
+    key_id, _ = await ws.create_key()
+    now = clock.now()
+    previous_hour = (now - timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
+    await _bucket(key_id, previous_hour, total=100, failed=60)
+    since = now - timedelta(hours=2)
+    found = await _kinds(ws, key_id, since)
+    assert [a["kind"] for a in found] == ["FAILURE_SPIKE"]
+    assert datetime.fromisoformat(found[0]["detectedAt"]) == previous_hour
+    assert await _kinds(ws, key_id, now) == []  # the spike's hour is before now's hour
+
+
 async def test_no_spike_below_the_floor_or_near_the_baseline(
     ws: WorkspaceHandle, clock: OffsetClock
 ) -> None:

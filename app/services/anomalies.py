@@ -162,7 +162,9 @@ async def list_anomalies(
     for bucket in buckets:
         if bucket.bucket_start >= recent_from:
             recent[bucket.key_id] += bucket.failed_requests
-            latest[bucket.key_id] = max(latest.get(bucket.key_id, since), bucket.bucket_start)
+            start = as_utc(bucket.bucket_start)
+            # The spike's time is its latest bucket's start; `since` only filters (below).
+            latest[bucket.key_id] = max(latest.get(bucket.key_id, start), start)
         else:
             baseline[bucket.key_id] += bucket.failed_requests
     hours = max(1.0, (recent_from - baseline_from).total_seconds() / 3600)
