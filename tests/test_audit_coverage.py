@@ -152,7 +152,8 @@ async def rotate_key(run: Run) -> Expect:
         {"id": key_id},
     )
     run.secrets.append(result["secret"])
-    return Expect(["key.rotate"], [key_id])
+    # One entry on the old key, one on its replacement (whose history starts there).
+    return Expect(["key.rotate", "key.rotate"], [key_id, result["newKey"]["id"]])
 
 
 async def rotate_all(run: Run) -> Expect:
@@ -160,12 +161,26 @@ async def rotate_all(run: Run) -> Expect:
     await run.checkpoint()
     result = await run.ok(
         f"""mutation($e: ID!) {{ rotateAll(environmentId: $e, graceMinutes: 60) {{ {RESULT}
-          ... on RotateAllSuccess {{ rotated {{ secret oldKey {{ id }} }} }} }} }}""",
+          ... on RotateAllSuccess {{ rotated {{ secret oldKey {{ id }} newKey {{ id }} }} }}
+          }} }}""",
         {"e": run.ws.environments["staging"]},
     )
     run.secrets.extend(r["secret"] for r in result["rotated"])
     assert {r["oldKey"]["id"] for r in result["rotated"]} == {first, second}
-    return Expect(["key.rotate", "key.rotate"], [first, second])
+    keys = [k for r in result["rotated"] for k in (r["oldKey"]["id"], r["newKey"]["id"])]
+    return Expect(["key.rotate"] * 4, keys)
+
+
+async def test_a_rotate_all_that_finds_no_key_is_audited_too(ws: WorkspaceHandle) -> None:
+    data = await ws.q(
+        """mutation($e: ID!) { rotateAll(environmentId: $e) {
+             ... on RotateAllSuccess { rotated { secret } } } }""",
+        {"e": ws.environments["development"]},
+    )
+    assert data["rotateAll"]["rotated"] == []
+    events = await _events(ws)
+    assert events[-1].action == "key.rotate_all" and events[-1].key_id is None
+    assert ws.environments["development"] in (events[-1].detail or "")
 
 
 async def set_allowed_ips(run: Run) -> Expect:

@@ -466,16 +466,21 @@ async def rotate_key(
         workspace = await Workspace.get(id=principal.workspace_id)
         key = await _key_for_change(principal, key_id)
         rotation = await _rotate_in_place(workspace, key, grace_minutes, now)
-        await audit.record(
-            principal,
-            "key.rotate",
-            now,
-            key_id=key.public_id,
-            newKey=rotation.new_key.public_id,
-            graceMinutes=grace_minutes,
-        )
+        await _audit_rotation(principal, rotation, grace_minutes, now)
     await services.changes.keys_changed([key.secret_hash])
     return rotation
+
+
+async def _audit_rotation(
+    principal: Principal, rotation: Rotation, grace_minutes: int, now: datetime, **extra: Any
+) -> None:
+    """A rotation's entries: one on the old key, one on the key that replaces it (so the new
+    key's own history starts with where it came from)."""
+    old, new = rotation.old_key.public_id, rotation.new_key.public_id
+    await audit.record(
+        principal, "key.rotate", now, key_id=old, newKey=new, graceMinutes=grace_minutes, **extra
+    )
+    await audit.record(principal, "key.rotate", now, key_id=new, rotatedFrom=old, **extra)
 
 
 async def rotate_all(
@@ -499,14 +504,15 @@ async def rotate_all(
         for key in keys:
             rotations.append(await _rotate_in_place(workspace, key, grace_minutes, now))
         for rotation in rotations:
+            await _audit_rotation(principal, rotation, grace_minutes, now, batch="rotateAll")
+        if not rotations:  # every mutation leaves an entry, even one that found nothing to do
             await audit.record(
                 principal,
-                "key.rotate",
+                "key.rotate_all",
                 now,
-                key_id=rotation.old_key.public_id,
-                newKey=rotation.new_key.public_id,
+                environment=environment.public_id,
+                rotated=0,
                 graceMinutes=grace_minutes,
-                batch="rotateAll",
             )
     await services.changes.keys_changed([r.old_key.secret_hash for r in rotations])
     return rotations
