@@ -144,6 +144,9 @@ class ManagementToken(Model):
     created_at = fields.DatetimeField()
     last_used_at = fields.DatetimeField(null=True)
     revoked_at = fields.DatetimeField(null=True)
+    # The member who minted it (None: bootstrap, or another token): such a token holds at most
+    # what that member's role holds now, and nothing once the member is removed.
+    created_by_member_id = fields.IntField(null=True)
 
     class Meta:
         table = "management_tokens"

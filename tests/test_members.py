@@ -249,3 +249,33 @@ async def test_an_invitation_not_accepted_does_not_count_as_an_owner(
     )
     assert gone["removeMember"]["__typename"] == "RemoveMemberSuccess"
     assert (await Member.get(id=owner.id)).role.value == "OWNER"
+
+
+async def test_a_members_tokens_hold_no_more_than_the_member_does_now(
+    ws: WorkspaceHandle, clock: OffsetClock
+) -> None:
+    """A token an ADMIN minted kept every right after the ADMIN was demoted or removed."""
+    admin_id, session = await _admin_session(ws)
+    minted = await gql(
+        ws.client,
+        """mutation { createManagementToken(name: "mine",
+             permissions: ["api.key.view", "member.manage"]) {
+             ... on CreateManagementTokenSuccess { token } } }""",
+        token=session,
+    )
+    token = minted["data"]["createManagementToken"]["token"]
+    members = "{ members { email role } }"
+    assert "errors" not in await gql(ws.client, members, token=token)
+    demoted = await ws.q(
+        "mutation($id: ID!) { updateMember(id: $id, role: VIEWER) { __typename } }",
+        {"id": admin_id},
+    )
+    assert demoted["updateMember"]["__typename"] == "UpdateMemberSuccess"
+    invite = await gql(ws.client, INVITE, {"e": _email(ws, "x"), "r": "VIEWER"}, token=token)
+    assert invite["errors"][0]["extensions"]["code"] == "FORBIDDEN"  # member.manage is gone
+    assert "errors" not in await gql(ws.client, members, token=token)  # api.key.view stays
+    removed = await ws.q(
+        "mutation($id: ID!) { removeMember(id: $id) { __typename } }", {"id": admin_id}
+    )
+    assert removed["removeMember"]["__typename"] == "RemoveMemberSuccess"
+    await gql(ws.client, members, token=token, expect_status=401)

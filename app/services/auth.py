@@ -16,7 +16,7 @@ from app.permissions import (
 )
 from app.services.principal import Principal
 from app.tokens import MANAGEMENT_TAG, SESSION_TAG, hash_secret, parse_bearer
-from models import ManagementToken, MemberRole, Session
+from models import ManagementToken, Member, MemberRole, Session
 
 MEMBER_PERMISSIONS: dict[MemberRole, frozenset[str]] = {
     MemberRole.OWNER: frozenset(OPERATOR_PERMISSIONS),
@@ -39,11 +39,21 @@ async def authenticate(token: str, now: datetime) -> Principal | None:
         )
         if record is None or record.revoked_at is not None:
             return None
+        permissions = frozenset(record.permissions)
+        if record.created_by_member_id is not None:
+            # A member's token holds at most what the member's role holds now: removing or
+            # demoting the member takes it back from their tokens too.
+            creator = await Member.get_or_none(
+                id=record.created_by_member_id, workspace_id=record.workspace_id
+            )
+            if creator is None:
+                return None
+            permissions &= MEMBER_PERMISSIONS[creator.role]
         return Principal(
             workspace_id=record.workspace_id,
             workspace_public_id=record.workspace.public_id,
             actor=f"token:{record.name} ({record.public_id})",
-            permissions=frozenset(record.permissions),
+            permissions=permissions,
             token_id=record.id,
         )
     if tag == SESSION_TAG:

@@ -49,6 +49,7 @@ async def create_management_token(
             token_hash=hash_secret(token),
             permissions=cleaned,
             created_at=now,
+            created_by_member_id=principal.member_id,
         )
         await audit.record(
             principal,
