@@ -317,26 +317,19 @@ class KeyplaneAuthMiddleware:
             if scope["type"] == "websocket":
                 await _refuse_handshake(scope, receive, send, result)
             else:
-                await send(_start(result, "http.response.start"))
-                await send({"type": "http.response.body", "body": _payload(result)})
+                await _send_refusal(send, result, "http.response")
             return
         scope.setdefault("state", {})["keyplane"] = result
         await self.app(scope, receive, send)
 
 
-def _payload(result: VerifyResult) -> bytes:
-    return json.dumps(result.body).encode()
-
-
-def _start(result: VerifyResult, kind: str) -> dict[str, Any]:
-    return {
-        "type": kind,
-        "status": result.status_code,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(_payload(result))).encode()),
-        ],
-    }
+async def _send_refusal(send: Send, result: VerifyResult, kind: str) -> None:
+    """Keyplane's status and JSON body, as `kind` messages (`http.response` or, before a
+    WebSocket is accepted, `websocket.http.response`)."""
+    payload = json.dumps(result.body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
+    await send({"type": f"{kind}.start", "status": result.status_code, "headers": headers})
+    await send({"type": f"{kind}.body", "body": payload})
 
 
 async def _refuse_handshake(
@@ -349,7 +342,6 @@ async def _refuse_handshake(
     if message.get("type") != "websocket.connect":
         return
     if "websocket.http.response" in scope.get("extensions", {}):
-        await send(_start(result, "websocket.http.response.start"))
-        await send({"type": "websocket.http.response.body", "body": _payload(result)})
+        await _send_refusal(send, result, "websocket.http.response")
         return
     await send({"type": "websocket.close", "code": 1008})

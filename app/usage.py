@@ -109,6 +109,7 @@ MERGED_WRITER = -1  # `usage_buckets.writer` of the row the roll-up merges a clo
 # are pruned.
 FLUSH_IDLE_SECONDS = 10.0
 IN_DOUBT_WAIT_SECONDS = 2.0
+WRITER_RETENTION = timedelta(days=30)
 
 # A flush that fails this many times in a row for a reason other than a database it cannot
 # reach (or a deadlock or lock wait, which pass) sets its denial records aside: one record no
@@ -120,7 +121,6 @@ _PASSING_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TransactionRollbackError,  # deadlock, serialization failure
     asyncpg.LockNotAvailableError,
 )
-WRITER_RETENTION = timedelta(days=30)
 
 _BUCKET_INSERT = """INSERT INTO usage_buckets AS b (workspace_id, environment_id, key_id,
     bucket_start, total_requests, successful_requests, failed_requests, last_used_at, rolled,
@@ -957,7 +957,7 @@ class UsageRecorder:
                             at=d.at,
                             ip=_storable(d.ip, 45),
                             origin=_storable(d.origin, ORIGIN_LIMIT) if d.origin else None,
-                            code=_storable(d.code, 32),
+                            code=d.code,
                             message=_storable(d.message, MESSAGE_LIMIT),
                             count=d.count,
                         )

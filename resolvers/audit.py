@@ -21,10 +21,9 @@ class AuditQueries:
         first: int | None = 50,
         after: str | None = None,
     ) -> AuditConnection:
-        first = 50 if first is None else first  # an explicit null is the default
         principal = info.context.operator
         principal.require(KEY_VIEW)
-        check_page_size(first)
+        first = check_page_size(first)
         before = decode_cursor("evt", after) if after is not None else None
         events, total = await audit_service.list_events(
             principal, str(key_id) if key_id is not None else None, first + 1, before

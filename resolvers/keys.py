@@ -156,7 +156,7 @@ class KeyQueries:
             status=models.KeyStatus(status.value) if status else None,
             key_type=models.KeyKind(type.value) if type else None,
             search=search,
-            first=50 if first is None else first,  # an explicit null is the default
+            first=first,
             after=after,
             rotation_due=rotation_due,
             now=info.context.services.clock.now(),

@@ -129,7 +129,7 @@ class MonitoringQueries:
             ip,
             code,
             since,
-            50 if first is None else first,
+            first,
             after,
         )
         edges = [

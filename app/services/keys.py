@@ -34,6 +34,7 @@ from models import ApiKey, Environment, KeyKind, KeyStatus, Role, Workspace
 
 GRACE_MINUTES = (0, 15, 30, 60, 240, 720, 1440)
 MAX_PAGE = 100
+DEFAULT_PAGE = 50
 MAX_SEARCH = 100
 
 
@@ -104,7 +105,7 @@ def decode_cursor(kind: str, cursor: str) -> int:
         padded = cursor + "=" * (-len(cursor) % 4)
         text = base64.urlsafe_b64decode(padded.encode()).decode()
         prefix, _, number = text.partition(":")
-        if prefix != kind or not (number.isascii() and number.isdigit()) or len(number) > 19:
+        if prefix != kind or not (number.isascii() and number.isdigit()):
             raise ValueError(cursor)
         row_id = int(number)
         if row_id > MAX_ROW_ID[kind]:
@@ -115,7 +116,11 @@ def decode_cursor(kind: str, cursor: str) -> int:
         raise ValidationFailed(f"invalid cursor {shown!r}", field="after") from None
 
 
-def check_page_size(first: int) -> int:
+def check_page_size(first: int | None) -> int:
+    """The page size asked for; an explicit null is the default page (the contract's
+    `first: Int = 50`)."""
+    if first is None:
+        return DEFAULT_PAGE
     if first < 0 or first > MAX_PAGE:
         raise ValidationFailed(f"first={first} is out of range; use 0 to {MAX_PAGE}", "first")
     return first
@@ -177,14 +182,14 @@ async def list_keys(
     status: KeyStatus | None,
     key_type: KeyKind | None,
     search: str | None,
-    first: int,
+    first: int | None,
     after: str | None,
     rotation_due: bool | None = None,
     now: datetime | None = None,
 ) -> KeyPage:
     """A page of the workspace's keys, newest first, with the filtered total."""
     principal.require(KEY_VIEW)
-    check_page_size(first)
+    first = check_page_size(first)
     query = ApiKey.filter(workspace_id=principal.workspace_id)
     if rotation_due is not None:
         if now is None:

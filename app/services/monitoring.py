@@ -208,11 +208,11 @@ async def list_denials(
     ip: str | None,
     code: str | None,
     since: datetime | None,
-    first: int,
+    first: int | None,
     after: str | None,
 ) -> DenialPage:
     principal.require(KEY_VIEW)
-    check_page_size(first)
+    first = check_page_size(first)
     query = Denial.filter(workspace_id=principal.workspace_id)
     if key_id is not None:
         require_public_id(key_id, "key", "keyId")
