@@ -159,7 +159,8 @@ class Member(Model):
         "keyplane.Workspace", related_name="members", on_delete=fields.CASCADE
     )
     workspace_id: int
-    email = fields.CharField(max_length=254)
+    # login(email, password) names no workspace: an email belongs to one member (migration 0009).
+    email = fields.CharField(max_length=254, unique=True)
     name = fields.CharField(max_length=100, null=True)
     role = fields.CharEnumField(MemberRole, max_length=16)
     password_hash = fields.CharField(max_length=255, null=True)

@@ -144,3 +144,35 @@ def run(url: str, sql: str) -> list[tuple[object, ...]]:
             await conn.close()
 
     return asyncio.run(on_postgres())
+
+
+def test_member_email_migration_names_emails_shared_across_workspaces(
+    tmp_path: Path, pg_server: PostgresServer | None
+) -> None:
+    """0009 makes an email one member's; a database where a race already put one email into
+    two workspaces is refused with the email named, and upgrades once one of them is gone."""
+    url = _database(tmp_path, pg_server, "emails")
+    migrate(url, "keyplane.0008_token_creators")
+    for n in (1, 2):
+        run(
+            url,
+            "INSERT INTO workspaces (id, public_id, name, plan, key_prefix, created_at) "
+            f"VALUES ({n}, 'ws_{n}', 'w{n}', 'GROWTH', 'kp', '2026-11-29 00:00:00+00:00')",
+        )
+        run(
+            url,
+            "INSERT INTO members (public_id, workspace_id, email, role, created_at) "
+            f"VALUES ('mem_{n}', {n}, 'both@example.com', 'VIEWER', "
+            "'2026-11-29 00:00:00+00:00')",
+        )
+    with pytest.raises(AssertionError, match=r"both@example\.com"):
+        migrate(url)
+    run(url, "DELETE FROM members WHERE public_id = 'mem_2'")
+    migrate(url)
+    with pytest.raises((sqlite3.IntegrityError, asyncpg.UniqueViolationError)):
+        run(
+            url,
+            "INSERT INTO members (public_id, workspace_id, email, role, created_at) "
+            "VALUES ('mem_3', 2, 'both@example.com', 'VIEWER', '2026-11-29 00:00:00+00:00')",
+        )
+    assert run(url, "SELECT public_id FROM members") == [("mem_1",)]

@@ -76,7 +76,9 @@ async def create_environment(services: Services, principal: Principal, name: str
     name = check_environment_name(name)
     now = services.clock.now()
     async with transaction():
-        workspace = await Workspace.get(id=principal.workspace_id)
+        # Locking the workspace row serialises concurrent creates of one name: without it two
+        # could both pass the check and the second insert fail on the unique index.
+        workspace = await Workspace.select_for_update().get(id=principal.workspace_id)
         if await Environment.exists(workspace_id=workspace.id, name=name):
             raise ValidationFailed(f"environment {name!r} already exists", field="name")
         environment = await create_environment_rows(workspace, name, now)

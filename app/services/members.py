@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from tortoise.exceptions import IntegrityError
+
 from app.db import transaction
 from app.errors import InvalidCredentials, InvalidState, NotFound, ValidationFailed
 from app.passwords import (
@@ -122,6 +124,13 @@ async def logout(services: Services, principal: Principal) -> None:
         await audit.record(principal, "member.logout", now)
 
 
+async def _lock_members(principal: Principal) -> None:
+    """Serialise changes to a workspace's owners (PostgreSQL: the workspace row's lock, held to
+    the end of the transaction). Without it two owners demoting or removing each other at once
+    both counted two owners, and both went through: the workspace was left with none."""
+    await Workspace.select_for_update().get(id=principal.workspace_id)
+
+
 async def _member(principal: Principal, member_id: str) -> Member:
     require_public_id(member_id, "mem", "member")
     member = await Member.get_or_none(public_id=member_id, workspace_id=principal.workspace_id)
@@ -173,15 +182,18 @@ async def invite_member(
             raise ValidationFailed(f"{address!r} is already a member", field="email")
         _require_owner_rights(principal, role, *([member.role] if member else []))
         if member is None:
-            member = await Member.create(
-                public_id=new_public_id("mem"),
-                workspace_id=principal.workspace_id,
-                email=address,
-                role=role,
-                created_at=now,
-                invite_hash=hash_secret(token),
-                invite_expires_at=expires_at,
-            )
+            try:
+                member = await Member.create(
+                    public_id=new_public_id("mem"),
+                    workspace_id=principal.workspace_id,
+                    email=address,
+                    role=role,
+                    created_at=now,
+                    invite_hash=hash_secret(token),
+                    invite_expires_at=expires_at,
+                )
+            except IntegrityError:  # the same email invited elsewhere at the same moment
+                raise ValidationFailed(f"{address!r} is already a member", field="email") from None
         else:
             member.role = role
             member.invite_hash = hash_secret(token)
@@ -230,6 +242,7 @@ async def update_member(
     principal.require(MEMBER_MANAGE)
     now = services.clock.now()
     async with transaction():
+        await _lock_members(principal)
         member = await _member(principal, member_id)
         _require_owner_rights(principal, member.role, role)
         if role != MemberRole.OWNER and await _last_owner(member):
@@ -253,6 +266,7 @@ async def remove_member(services: Services, principal: Principal, member_id: str
     principal.require(MEMBER_MANAGE)
     now = services.clock.now()
     async with transaction():
+        await _lock_members(principal)
         member = await _member(principal, member_id)
         _require_owner_rights(principal, member.role)
         if await _last_owner(member):
@@ -276,14 +290,19 @@ async def set_owner(workspace: Workspace, email: str, password: str, now: dateti
                 f"{address!r} is already a member of another workspace", field="email"
             )
         if member is None:
-            member = await Member.create(
-                public_id=new_public_id("mem"),
-                workspace=workspace,
-                email=address,
-                role=MemberRole.OWNER,
-                password_hash=hash_password(password),
-                created_at=now,
-            )
+            try:
+                member = await Member.create(
+                    public_id=new_public_id("mem"),
+                    workspace=workspace,
+                    email=address,
+                    role=MemberRole.OWNER,
+                    password_hash=hash_password(password),
+                    created_at=now,
+                )
+            except IntegrityError:  # invited into another workspace at the same moment
+                raise ValidationFailed(
+                    f"{address!r} is already a member of another workspace", field="email"
+                ) from None
         else:
             member.role = MemberRole.OWNER
             member.password_hash = hash_password(password)

@@ -11,7 +11,7 @@ from app.services import Services, audit
 from app.services.principal import Principal
 from app.services.validation import clean_name, clean_permissions, require_public_id
 from app.tokens import new_public_id
-from models import Role
+from models import Role, Workspace
 
 
 async def list_roles(principal: Principal) -> list[Role]:
@@ -35,6 +35,9 @@ async def create_role(
     cleaned = clean_permissions(permissions)
     now = services.clock.now()
     async with transaction():
+        # Locking the workspace row serialises concurrent creates of one name: without it two
+        # could both pass the check and the second insert fail on the unique index.
+        await Workspace.select_for_update().get(id=principal.workspace_id)
         if await Role.exists(workspace_id=principal.workspace_id, name=name):
             raise ValidationFailed(f"role {name!r} already exists", field="name")
         role = await Role.create(
