@@ -13,7 +13,7 @@ from types import FrameType
 from tortoise import Tortoise
 
 from app.clock import SystemClock
-from app.db import migrate, tortoise_config, transaction
+from app.db import migrate, migrate_holding_lock, setup_lock, tortoise_config, transaction
 from app.errors import ValidationFailed
 from app.settings import Settings, SettingsError
 
@@ -45,21 +45,23 @@ async def _bootstrap(
     if owner is not None:
         clean_email(owner[0])
         check_new_password(owner[1])
-    await migrate(settings.database_url)
-    await Tortoise.init(config=tortoise_config(settings.database_url))
-    try:
-        if only_if_new and await Workspace.exists(name=name):
-            return None
-        now = SystemClock().now()
-        # One transaction: an owner that cannot be set (an email of another workspace) leaves
-        # no workspace, environment or token behind.
-        async with transaction():
-            result = await bootstrap(name, chosen_plan, key_prefix, now)
-            if owner is not None:
-                await set_owner(result.workspace, owner[0], owner[1], now)
-        return {"workspaceId": result.workspace.public_id, "token": result.token}
-    finally:
-        await Tortoise.close_connections()
+    # Under the setup lock: processes bootstrapping one workspace at once create it once.
+    async with setup_lock(settings.database_url):
+        await migrate_holding_lock(settings.database_url)
+        await Tortoise.init(config=tortoise_config(settings.database_url))
+        try:
+            if only_if_new and await Workspace.exists(name=name):
+                return None
+            now = SystemClock().now()
+            # One transaction: an owner that cannot be set (an email of another workspace)
+            # leaves no workspace, environment or token behind.
+            async with transaction():
+                result = await bootstrap(name, chosen_plan, key_prefix, now)
+                if owner is not None:
+                    await set_owner(result.workspace, owner[0], owner[1], now)
+            return {"workspaceId": result.workspace.public_id, "token": result.token}
+        finally:
+            await Tortoise.close_connections()
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

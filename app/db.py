@@ -11,7 +11,10 @@ HTTP 500s and hung waiters (tests/test_faults.py).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -118,12 +121,19 @@ async def transaction() -> AsyncIterator[BaseDBAsyncClient]:
     await context.__aexit__(None, None, None)  # commits
 
 
+def _sqlite_file(database_url: str) -> Path | None:
+    """The file of a SQLite URL (None for PostgreSQL and for an in-memory database)."""
+    if not database_url.startswith("sqlite://"):
+        return None
+    path = database_url.removeprefix("sqlite://")
+    return Path(path) if path and path != ":memory:" else None
+
+
 def tortoise_config(database_url: str) -> dict[str, Any]:
     """The Tortoise config for one database URL; SQLite files get their folder created."""
-    if database_url.startswith("sqlite://"):
-        path = database_url.removeprefix("sqlite://")
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    file = _sqlite_file(database_url)
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
     return {
         "connections": {"default": database_url},
         "apps": {
@@ -138,8 +148,48 @@ def tortoise_config(database_url: str) -> dict[str, Any]:
     }
 
 
+# The key of the PostgreSQL advisory lock held while setting up a database (any constant).
+SETUP_LOCK_KEY = 0x6B70_5345
+
+
+@contextlib.asynccontextmanager
+async def setup_lock(database_url: str) -> AsyncIterator[None]:
+    """One process at a time migrates (and bootstraps) a database. Containers that start at
+    once each run `keyplane migrate`; unserialised, two of them created the same tables and
+    all but one failed (tests/test_concurrent_startup.py). PostgreSQL: a session advisory lock
+    on a connection of its own, released when that connection closes. SQLite: an exclusive
+    flock on `<database file>.setup-lock` (SQLite's own locks cannot be held across the
+    migrations' connection). Not re-entrant: take it once per process."""
+    if database_url.startswith(("postgres://", "postgresql://")):
+        connection = await asyncpg.connect(database_url, timeout=30)
+        try:
+            await connection.execute("SELECT pg_advisory_lock($1)", SETUP_LOCK_KEY)
+            yield
+        finally:
+            await connection.close()
+        return
+    file = _sqlite_file(database_url)
+    if file is None:
+        yield
+        return
+    file.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(f"{file}.setup-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the flock
+
+
 async def migrate(database_url: str) -> None:
-    """Apply every pending migration to the database at `database_url`."""
+    """Apply every pending migration to the database at `database_url`, holding the setup
+    lock (a process that finds the migrations applied by another does nothing)."""
+    async with setup_lock(database_url):
+        await migrate_holding_lock(database_url)
+
+
+async def migrate_holding_lock(database_url: str) -> None:
+    """`migrate` for a caller that already holds `setup_lock`."""
     try:
         await run_migrations(config=tortoise_config(database_url))
     finally:
