@@ -170,9 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     boot.add_argument("--key-prefix", default="kp")
     boot.add_argument("--email", help="also create (or reset) this owner; password on stdin")
     boot.set_defaults(func=cmd_bootstrap)
-    sub.add_parser("bootstrap-default", help=argparse.SUPPRESS).set_defaults(
-        func=cmd_bootstrap_default
-    )
+    sub.add_parser(
+        "bootstrap-default", help="`make run`: create workspace 'default' once, show its token"
+    ).set_defaults(func=cmd_bootstrap_default)
     serve = sub.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import importlib
 import os
+import pkgutil
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from tortoise import Tortoise
+from tortoise import Tortoise, connections
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.backends.sqlite.client import SqliteTransactionContext
 from tortoise.exceptions import BaseORMException
@@ -119,6 +121,28 @@ async def transaction() -> AsyncIterator[BaseDBAsyncClient]:
         await context.__aexit__(type(exc), exc, exc.__traceback__)  # rolls back; never swallows
         raise
     await context.__aexit__(None, None, None)  # commits
+
+
+def migration_names() -> list[str]:
+    """The names of this code's migrations, in order (models/migrations/0001_... and on)."""
+    package = importlib.import_module("models.migrations")
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.name[:4].isdigit())
+
+
+async def missing_migrations() -> list[str] | None:
+    """This code's migrations that the connected database has not applied (all of them when it
+    has no migration table); None when the database cannot be reached now, since a server may
+    start while its database is away and serve what it can."""
+    try:
+        _, rows = await connections.get("default").execute_query(
+            f"SELECT name FROM tortoise_migrations WHERE app = '{APP_LABEL}'"
+        )
+    except UNREACHABLE_ERRORS:
+        return None
+    except DATABASE_ERRORS:  # no migration table: never migrated
+        rows = []
+    applied = {row["name"] for row in rows}
+    return [name for name in migration_names() if name not in applied]
 
 
 def _sqlite_file(database_url: str) -> Path | None:

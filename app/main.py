@@ -16,7 +16,7 @@ from app.activity import ActivityRecorder
 from app.cache import KeyCache
 from app.changes import ChangeFeed
 from app.clock import Clock, SystemClock
-from app.db import tortoise_config
+from app.db import missing_migrations, tortoise_config
 from app.gcpolicy import GcPolicy
 from app.http.graphiql import ASSETS_PATH, graphiql_assets
 from app.http.graphql import GraphQLEndpoint, KeyplaneGraphQL
@@ -89,6 +89,14 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with RegisterTortoise(app, config=tortoise_config(settings.database_url)):
+            missing = await missing_migrations()
+            if missing:
+                # Every query of this version would fail on the older schema (a verify would
+                # answer UNAVAILABLE while /governance/health said ok).
+                raise RuntimeError(
+                    f"the database lacks {len(missing)} of this version's migrations (from "
+                    f"{missing[0]}): run `keyplane migrate` first"
+                )
             await activity.start()
             await usage.start()
             await key_cache.start()

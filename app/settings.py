@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ class Settings:
         env = os.environ if env is None else env
         kwargs: dict[str, object] = {}
         if url := env.get("KEYPLANE_DATABASE_URL", "").strip():
-            kwargs["database_url"] = url
+            kwargs["database_url"] = check_database_url(url)
         if (raw := env.get("KEYPLANE_TRUSTED_PROXIES")) is not None:
             kwargs["trusted_proxies"] = parse_trusted_proxies(raw)
         if (raw := env.get("KEYPLANE_CORS_ORIGINS")) is not None:
@@ -81,30 +82,59 @@ class Settings:
         ):
             if (raw := env.get(name)) is not None:
                 kwargs[attr] = _parse_bool(name, raw)
-        numeric = {
-            "KEYPLANE_CACHE_SIZE": ("cache_size", int),
-            "KEYPLANE_NEGATIVE_CACHE_SECONDS": ("negative_cache_seconds", float),
-            "KEYPLANE_CACHE_REFRESH_SECONDS": ("cache_refresh_seconds", float),
-            "KEYPLANE_MAX_STALENESS_SECONDS": ("max_staleness_seconds", float),
-            "KEYPLANE_FLUSH_INTERVAL_SECONDS": ("flush_interval_seconds", float),
-            "KEYPLANE_DENIAL_RATE_PER_IP": ("denial_rate_per_ip", int),
-            "KEYPLANE_DENIAL_RETENTION_DAYS": ("denial_retention_days", int),
-            "KEYPLANE_AUTH_FAILURE_LIMIT": ("auth_failure_limit", int),
-            "KEYPLANE_NEW_IP_DAYS": ("new_ip_days", int),
-            "KEYPLANE_FAILURE_SPIKE_FLOOR": ("failure_spike_floor", int),
-            "KEYPLANE_FAILURE_SPIKE_FACTOR": ("failure_spike_factor", float),
-            "KEYPLANE_FAILURE_BASELINE_DAYS": ("failure_baseline_days", int),
-        }
-        for name, (attr, kind) in numeric.items():
+        for name, (attr, kind, least) in NUMERIC.items():
             if (raw := env.get(name)) is not None:
-                try:
-                    value = kind(raw)
-                except ValueError:
-                    raise SettingsError(f"{name}={raw!r} is not a number") from None
-                if value < 0:
-                    raise SettingsError(f"{name}={raw!r} must not be negative")
-                kwargs[attr] = value
+                kwargs[attr] = _parse_number(name, raw, kind, least)
         return cls(**kwargs)  # type: ignore[arg-type]
+
+
+# Numeric settings: (attribute, type, least value). The periods have a floor above zero: at 0 a
+# background loop never waits, and one process used a whole core while idle.
+NUMERIC: dict[str, tuple[str, type[int] | type[float], float]] = {
+    "KEYPLANE_CACHE_SIZE": ("cache_size", int, 0),
+    "KEYPLANE_NEGATIVE_CACHE_SECONDS": ("negative_cache_seconds", float, 0),
+    "KEYPLANE_CACHE_REFRESH_SECONDS": ("cache_refresh_seconds", float, 0.01),
+    "KEYPLANE_MAX_STALENESS_SECONDS": ("max_staleness_seconds", float, 0),
+    "KEYPLANE_FLUSH_INTERVAL_SECONDS": ("flush_interval_seconds", float, 0.01),
+    "KEYPLANE_DENIAL_RATE_PER_IP": ("denial_rate_per_ip", int, 0),
+    "KEYPLANE_DENIAL_RETENTION_DAYS": ("denial_retention_days", int, 0),
+    "KEYPLANE_MAX_BODY_BYTES": ("max_body_bytes", int, 1024),
+    "KEYPLANE_AUTH_FAILURE_LIMIT": ("auth_failure_limit", int, 0),
+    "KEYPLANE_NEW_IP_DAYS": ("new_ip_days", int, 0),
+    "KEYPLANE_FAILURE_SPIKE_FLOOR": ("failure_spike_floor", int, 0),
+    "KEYPLANE_FAILURE_SPIKE_FACTOR": ("failure_spike_factor", float, 0),
+    "KEYPLANE_FAILURE_BASELINE_DAYS": ("failure_baseline_days", int, 0),
+}
+DATABASE_SCHEMES = ("sqlite://", "postgres://", "postgresql://", "asyncpg://")
+
+
+def _parse_number(name: str, raw: str, kind: type[int] | type[float], least: float) -> float:
+    try:
+        value = kind(raw)
+    except ValueError:
+        whole = " whole" if kind is int else ""
+        raise SettingsError(f"{name}={raw!r} is not a{whole} number") from None
+    if not math.isfinite(value):
+        raise SettingsError(f"{name}={raw!r} must be a finite number")
+    if value < least:
+        floor = "negative" if least == 0 else f"below {least:g}"
+        raise SettingsError(f"{name}={raw!r} must not be {floor}")
+    return value
+
+
+def check_database_url(url: str) -> str:
+    """A URL Keyplane can use; the error names the value with any password masked."""
+    if url.startswith(DATABASE_SCHEMES) and len(url) > url.index("://") + 3:
+        return url
+    scheme, found, _ = url.rpartition("@")[0].partition("://")
+    shown = url
+    if "@" in url:  # whatever comes before the host may hold a password
+        shown = f"{scheme}://***@" if found else "***@"
+        shown += url.rpartition("@")[2]
+    raise SettingsError(
+        f"KEYPLANE_DATABASE_URL={shown!r} is not a database URL Keyplane can use: "
+        "sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+    )
 
 
 def _parse_bool(name: str, raw: str) -> bool:
