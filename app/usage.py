@@ -33,11 +33,11 @@ the key rows in the same statements. The PostgreSQL roll-up merges a closed hour
 Counting rules (CONTRACT §4): a VALID verification adds a successful request and sets
 `lastUsedAt`; a refusal that names a known key adds a failed request. Every refusal is a denial.
 
-Flood folding: each client IP gets `denial_rate_per_ip` denial rows per minute; further refusals
-from that IP in the same minute are folded into one row per (IP, code, key) whose `count` says
-how many there were. Buffers are bounded: beyond MAX_DENIAL_ROWS pending rows, refusals are
-folded into one row per code with IP `(many)`; so memory and the table stay bounded under a
-flood of random tokens, and every refusal is still counted.
+Flood folding: each client IP gets `denial_rate_per_ip` denial rows per minute (per process);
+further refusals from that IP in the same minute are folded into one row per (IP, code, key) and
+flush whose `count` says how many there were. Buffers are bounded: beyond MAX_DENIAL_ROWS
+pending rows, refusals are folded into one row per code with IP `(many)`; so memory and the
+table stay bounded under a flood of random tokens, and every refusal is still counted.
 
 Nothing is lost on a failed flush: the deltas go back into the buffers and are written by the
 next successful flush (counters merge, so nothing is counted twice). A flush that failed at its

@@ -189,6 +189,22 @@ async def test_every_refusal_is_logged_with_key_ip_origin_and_code(
     assert [e["node"]["keyId"] for e in edges["edges"]] == [None]
 
 
+async def test_an_origin_that_is_not_one_is_logged_as_sent(
+    app: Starlette, uws: WorkspaceHandle, clock: OffsetClock
+) -> None:
+    """An Origin header that does not parse was logged as no origin at all, which reads as a
+    request without the header."""
+    client_side = uws.client_side_ids["production"]
+    since = clock.now()
+    for sent in ("app.example.com", "null"):
+        headers = {"Origin": sent}
+        assert await verify(uws.client, client_side, headers=headers) == "ORIGIN_NOT_ALLOWED"
+    assert await verify(uws.client, client_side) == "ORIGIN_NOT_ALLOWED"
+    assert await recorder(app).flush()
+    edges = (await uws.q(DENIALS, {"since": since.isoformat()}))["denials"]["edges"]
+    assert sorted(str(e["node"]["origin"]) for e in edges) == ["None", "app.example.com", "null"]
+
+
 async def test_a_flood_from_one_ip_is_folded_into_counts(
     app: Starlette, uws: WorkspaceHandle, peer: tuple[str, httpx.AsyncClient], clock: OffsetClock
 ) -> None:

@@ -3,7 +3,7 @@ mutation before it returns, grace and expiry by the injected clock, Origin and I
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -126,6 +126,66 @@ async def test_revoked_key_verifies_until_its_grace_ends(
     assert response.json()["code"] == "VALID" and response.json()["graceEndsAt"]
     clock.advance(minutes=16)
     assert await _code(ws.client, secret) == (401, "REVOKED")
+
+
+async def test_an_incident_revoke_cuts_a_grace_period_short(
+    ws: WorkspaceHandle, clock: OffsetClock
+) -> None:
+    """After a rotation with a long grace, revoke(graceMinutes: 0) was INVALID_STATE ("already
+    revoked"): a leaked old secret stayed valid for the rest of the grace, up to 24 h."""
+    key_id, secret = await ws.create_key()
+    revoke = """mutation($id: ID!, $g: Int!) { revoke(id: $id, graceMinutes: $g) {
+      __typename ... on RevokeSuccess { key { status graceEndsAt } }
+      ... on Error { code message } } }"""
+    rotated = await ws.q(
+        "mutation($id: ID!) { rotateKey(id: $id, graceMinutes: 1440) { __typename } }",
+        {"id": key_id},
+    )
+    assert rotated["rotateKey"]["__typename"] == "RotateKeySuccess"
+    assert await _code(ws.client, secret) == (200, "VALID")  # cached, in its grace
+    # A revoke may shorten the grace, never lengthen it.
+    shorter = (await ws.q(revoke, {"id": key_id, "g": 60}))["revoke"]
+    assert shorter["key"]["status"] == "REVOKED"
+    ends = datetime.fromisoformat(shorter["key"]["graceEndsAt"])
+    assert abs(ends - (clock.now() + timedelta(minutes=60))) < timedelta(seconds=5)
+    longer = (await ws.q(revoke, {"id": key_id, "g": 240}))["revoke"]
+    assert longer["code"] == "INVALID_STATE" and "only shorten" in longer["message"]
+    assert await _code(ws.client, secret) == (200, "VALID")
+    at_once = (await ws.q(revoke, {"id": key_id, "g": 0}))["revoke"]
+    assert at_once["key"] == {"status": "REVOKED", "graceEndsAt": None}
+    assert await _code(ws.client, secret) == (401, "REVOKED")
+    # Once refused, there is nothing left to shorten.
+    again = (await ws.q(revoke, {"id": key_id, "g": 0}))["revoke"]
+    assert again["code"] == "INVALID_STATE" and "already revoked" in again["message"]
+
+
+async def test_rotate_all_leaves_no_old_secret_in_its_grace(
+    ws: WorkspaceHandle, clock: OffsetClock
+) -> None:
+    """rotateAll skipped keys already revoked, so the old secret of an earlier rotation with a
+    grace period kept working after an environment-wide rotateAll(graceMinutes: 0)."""
+    key_id, old = await ws.create_key(env="staging")
+    rotated = await ws.q(
+        "mutation($id: ID!) { rotateKey(id: $id, graceMinutes: 1440) {"
+        " ... on RotateKeySuccess { secret } } }",
+        {"id": key_id},
+    )
+    newer = rotated["rotateKey"]["secret"]
+    assert await _code(ws.client, old) == (200, "VALID")
+    rotate_all = """mutation($env: ID!, $g: Int!) { rotateAll(environmentId: $env, graceMinutes: $g)
+      { ... on RotateAllSuccess { rotated { secret } } } }"""
+    # A longer grace than the one left changes nothing; a shorter one shortens it.
+    await ws.q(rotate_all, {"env": ws.environments["staging"], "g": 60})
+    assert await _code(ws.client, old) == (200, "VALID")
+    assert await _code(ws.client, newer) == (200, "VALID")
+    graces = await ws.q("query($id: ID!) { key(id: $id) { graceEndsAt } }", {"id": key_id})
+    ends = datetime.fromisoformat(graces["key"]["graceEndsAt"])
+    assert ends - clock.now() < timedelta(minutes=61)
+    data = await ws.q(rotate_all, {"env": ws.environments["staging"], "g": 0})
+    assert len(data["rotateAll"]["rotated"]) == 1
+    for secret in (old, newer):
+        assert await _code(ws.client, secret) == (401, "REVOKED")
+    assert await _code(ws.client, data["rotateAll"]["rotated"][0]["secret"]) == (200, "VALID")
 
 
 async def test_expired_key_is_refused(ws: WorkspaceHandle, clock: OffsetClock) -> None:

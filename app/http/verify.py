@@ -242,7 +242,9 @@ class VerifyEndpoint:
             code=decision.code.value,
             key=record,
             ip=ip_text,
-            origin=facts.origin,
+            # One that does not parse is logged as it was sent (the denial log's text is
+            # made storable when it is written).
+            origin=facts.origin if facts.origin is not None else origin_header,
             message=decision.message,
             # Only a token that passed the shape check can name a workspace by its prefix.
             prefix=token.partition("_")[0] if decision is decide_unknown() and token else None,

@@ -415,6 +415,23 @@ def _revoke_in_place(key: ApiKey, grace_minutes: int, now: datetime) -> None:
     key.updated_at = now
 
 
+def _in_grace(key: ApiKey, now: datetime) -> bool:
+    return key.grace_ends_at is not None and key.grace_ends_at > now
+
+
+def _shorten_grace(key: ApiKey, grace_minutes: int, now: datetime) -> None:
+    """Revoking a key still in its grace period ends the grace sooner (grace 0: at once), as
+    an incident needs after a rotation with a long grace; it never lengthens it."""
+    ends = now + timedelta(minutes=grace_minutes) if grace_minutes else None
+    if ends is not None and key.grace_ends_at is not None and ends >= key.grace_ends_at:
+        raise InvalidState(
+            f"key {key.public_id!r} is already revoked; its grace period ends at "
+            f"{key.grace_ends_at.isoformat()}, and a revoke can only shorten it"
+        )
+    key.grace_ends_at = ends
+    key.updated_at = now
+
+
 async def revoke(
     services: Services, principal: Principal, key_id: str, grace_minutes: int
 ) -> ApiKey:
@@ -423,7 +440,10 @@ async def revoke(
     now = services.clock.now()
     async with transaction():
         key = await _key_for_change(principal, key_id)
-        _revoke_in_place(key, grace_minutes, now)
+        if key.status == KeyStatus.REVOKED and _in_grace(key, now):
+            _shorten_grace(key, grace_minutes, now)
+        else:
+            _revoke_in_place(key, grace_minutes, now)
         await key.save()
         await audit.record(
             principal, "key.revoke", now, key_id=key.public_id, graceMinutes=grace_minutes
@@ -510,6 +530,9 @@ async def rotate_all(
             rotations.append(await _rotate_in_place(workspace, key, grace_minutes, now))
         for rotation in rotations:
             await _audit_rotation(principal, rotation, grace_minutes, now, batch="rotateAll")
+        # Old secrets still in a grace period (an earlier rotation's) stop working no later
+        # than the secrets rotated now: after a leak, rotateAll(grace 0) leaves none valid.
+        shortened = await _shorten_graces(principal, environment, grace_minutes, now)
         if not rotations:  # every mutation leaves an entry, even one that found nothing to do
             await audit.record(
                 principal,
@@ -519,8 +542,38 @@ async def rotate_all(
                 rotated=0,
                 graceMinutes=grace_minutes,
             )
-    await services.changes.keys_changed([r.old_key.secret_hash for r in rotations])
+    await services.changes.keys_changed(
+        [r.old_key.secret_hash for r in rotations] + [k.secret_hash for k in shortened]
+    )
     return rotations
+
+
+async def _shorten_graces(
+    principal: Principal, environment: Environment, grace_minutes: int, now: datetime
+) -> list[ApiKey]:
+    ends = now + timedelta(minutes=grace_minutes) if grace_minutes else None
+    in_grace = (
+        ApiKey.filter(
+            environment_id=environment.id, status=KeyStatus.REVOKED, grace_ends_at__gt=now
+        )
+        .order_by("id")
+        .select_for_update()
+    )
+    if ends is not None:
+        in_grace = in_grace.filter(grace_ends_at__gt=ends)
+    keys = await in_grace
+    for key in keys:
+        _shorten_grace(key, grace_minutes, now)
+        await key.save(update_fields=["grace_ends_at", "updated_at"])
+        await audit.record(
+            principal,
+            "key.revoke",
+            now,
+            key_id=key.public_id,
+            graceMinutes=grace_minutes,
+            batch="rotateAll",
+        )
+    return keys
 
 
 async def set_allowed_ips(
