@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ from starlette.applications import Starlette
 
 from app.cache import KeyCache
 from app.settings import Settings
+from tests.pgserver import PostgresServer
 
 _names = itertools.count()
 
@@ -147,3 +149,15 @@ class WorkspaceHandle:
 
 def unique_name(base: str = "ws") -> str:
     return f"{base}-{next(_names)}-{datetime.now(UTC).strftime('%H%M%S%f')}"
+
+
+def own_database(tmp_path: Path, pg_server: PostgresServer | None, name: str) -> str:
+    """A database of the test's own (not the session's): a new PostgreSQL database on the
+    session's server, or a SQLite file in the test's temp dir."""
+    from tests.conftest import BACKEND
+
+    if BACKEND == "postgres":
+        assert pg_server is not None
+        pg_server.create_database(name)
+        return pg_server.url(name)
+    return f"sqlite://{tmp_path / (name + '.db')}"

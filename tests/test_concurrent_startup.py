@@ -9,19 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import BACKEND
 from tests.pgserver import PostgresServer
+from tests.support import own_database
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCESSES = 4
-
-
-def _database(tmp_path: Path, pg_server: PostgresServer | None, name: str) -> str:
-    if BACKEND == "postgres":
-        assert pg_server is not None
-        pg_server.create_database(name)
-        return pg_server.url(name)
-    return f"sqlite://{tmp_path / (name + '.db')}"
 
 
 def _at_once(url: str, *command: str) -> list[subprocess.CompletedProcess[str]]:
@@ -47,7 +39,7 @@ def _at_once(url: str, *command: str) -> list[subprocess.CompletedProcess[str]]:
 def test_migrate_from_several_processes_at_once(
     tmp_path: Path, pg_server: PostgresServer | None
 ) -> None:
-    url = _database(tmp_path, pg_server, "startup_migrate")
+    url = own_database(tmp_path, pg_server, "startup_migrate")
     for run in _at_once(url, "migrate"):
         assert run.returncode == 0, run.stderr[-3000:]
 
@@ -55,7 +47,7 @@ def test_migrate_from_several_processes_at_once(
 def test_bootstrap_default_from_several_processes_at_once(
     tmp_path: Path, pg_server: PostgresServer | None
 ) -> None:
-    url = _database(tmp_path, pg_server, "startup_bootstrap")
+    url = own_database(tmp_path, pg_server, "startup_bootstrap")
     # Migrated already, so that all of them reach the workspace's creation at once.
     migrated = subprocess.run(
         [sys.executable, "-m", "app.cli", "migrate"],

@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import BACKEND
 from tests.pgserver import PostgresServer
+from tests.support import own_database
 
 ROOT = Path(__file__).resolve().parent.parent
 OLD_BUCKET = (
@@ -115,20 +116,12 @@ def _upgraded(
     tmp_path: Path, pg_server: PostgresServer | None, name: str, start: str, *rows: str
 ) -> str:
     """A database of the test's own, migrated to `start`, given `rows`, then upgraded."""
-    url = _database(tmp_path, pg_server, name)
+    url = own_database(tmp_path, pg_server, name)
     migrate(url, start)
     for row in rows:
         run(url, row)
     migrate(url)
     return url
-
-
-def _database(tmp_path: Path, pg_server: PostgresServer | None, name: str) -> str:
-    if BACKEND == "postgres":
-        assert pg_server is not None
-        pg_server.create_database(name)
-        return pg_server.url(name)
-    return f"sqlite://{tmp_path / (name + '.db')}"
 
 
 def run(url: str, sql: str) -> list[tuple[object, ...]]:
@@ -151,7 +144,7 @@ def test_member_email_migration_names_emails_shared_across_workspaces(
 ) -> None:
     """0009 makes an email one member's; a database where a race already put one email into
     two workspaces is refused with the email named, and upgrades once one of them is gone."""
-    url = _database(tmp_path, pg_server, "emails")
+    url = own_database(tmp_path, pg_server, "emails")
     migrate(url, "keyplane.0008_token_creators")
     for n in (1, 2):
         run(
