@@ -405,14 +405,15 @@ def _revoke_in_place(key: ApiKey, grace_minutes: int, now: datetime) -> None:
             f"key {key.public_id!r} is a client-side ID: it lives as long as its environment"
         )
     # A grace period keeps an enabled key working; it never brings a disabled one back.
-    key.grace_ends_at = (
-        now + timedelta(minutes=grace_minutes)
-        if grace_minutes and key.status == KeyStatus.ENABLED
-        else None
-    )
+    key.grace_ends_at = _grace_end(now, grace_minutes) if key.status == KeyStatus.ENABLED else None
     key.status = KeyStatus.REVOKED
     key.revoked_at = now
     key.updated_at = now
+
+
+def _grace_end(now: datetime, grace_minutes: int) -> datetime | None:
+    """When a grace of this many minutes from now ends (None for no grace)."""
+    return now + timedelta(minutes=grace_minutes) if grace_minutes else None
 
 
 def _in_grace(key: ApiKey, now: datetime) -> bool:
@@ -421,9 +422,11 @@ def _in_grace(key: ApiKey, now: datetime) -> bool:
 
 def _shorten_grace(key: ApiKey, grace_minutes: int, now: datetime) -> None:
     """Revoking a key still in its grace period ends the grace sooner (grace 0: at once), as
-    an incident needs after a rotation with a long grace; it never lengthens it."""
-    ends = now + timedelta(minutes=grace_minutes) if grace_minutes else None
-    if ends is not None and key.grace_ends_at is not None and ends >= key.grace_ends_at:
+    an incident needs after a rotation with a long grace; it never lengthens it. The key is
+    in its grace (`_in_grace`)."""
+    assert key.grace_ends_at is not None
+    ends = _grace_end(now, grace_minutes)
+    if ends is not None and ends >= key.grace_ends_at:
         raise InvalidState(
             f"key {key.public_id!r} is already revoked; its grace period ends at "
             f"{key.grace_ends_at.isoformat()}, and a revoke can only shorten it"
@@ -551,17 +554,17 @@ async def rotate_all(
 async def _shorten_graces(
     principal: Principal, environment: Environment, grace_minutes: int, now: datetime
 ) -> list[ApiKey]:
-    ends = now + timedelta(minutes=grace_minutes) if grace_minutes else None
-    in_grace = (
-        ApiKey.filter(
-            environment_id=environment.id, status=KeyStatus.REVOKED, grace_ends_at__gt=now
+    """Old keys of the environment whose grace ends later than a grace of `grace_minutes`
+    would: theirs now ends then."""
+    keys = (
+        await ApiKey.filter(
+            environment_id=environment.id,
+            status=KeyStatus.REVOKED,
+            grace_ends_at__gt=_grace_end(now, grace_minutes) or now,
         )
         .order_by("id")
         .select_for_update()
     )
-    if ends is not None:
-        in_grace = in_grace.filter(grace_ends_at__gt=ends)
-    keys = await in_grace
     for key in keys:
         _shorten_grace(key, grace_minutes, now)
         await key.save(update_fields=["grace_ends_at", "updated_at"])
