@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -159,6 +160,34 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@contextlib.contextmanager
+def taking_turns(servers: Sequence[Server], seconds: float) -> Iterator[None]:
+    """The servers run one at a time, each for `seconds` in turn (SIGSTOP and SIGCONT to their
+    process groups), until the block ends; then all of them run again, whatever happened."""
+    stop_turns = threading.Event()
+
+    def turns() -> None:
+        index = 0
+        while not stop_turns.wait(seconds):
+            os.killpg(servers[index].pid, signal.SIGSTOP)
+            index = (index + 1) % len(servers)
+            os.killpg(servers[index].pid, signal.SIGCONT)
+
+    for server in servers[1:]:
+        os.killpg(server.pid, signal.SIGSTOP)
+    thread = threading.Thread(target=turns, name="taking-turns", daemon=True)
+    try:
+        thread.start()
+        yield
+    finally:
+        stop_turns.set()
+        if thread.is_alive():
+            thread.join()
+        for server in servers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGCONT)
 
 
 # --- /proc measurements ---------------------------------------------------------------------------
