@@ -168,17 +168,21 @@ def taking_turns(servers: Sequence[Server], seconds: float) -> Iterator[None]:
     process groups), until the block ends; then all of them run again, whatever happened."""
     stop_turns = threading.Event()
 
+    def send(server: Server, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):  # one that exited: the others go on
+            os.killpg(server.pid, signum)
+
     def turns() -> None:
         index = 0
         while not stop_turns.wait(seconds):
-            os.killpg(servers[index].pid, signal.SIGSTOP)
+            send(servers[index], signal.SIGSTOP)
             index = (index + 1) % len(servers)
-            os.killpg(servers[index].pid, signal.SIGCONT)
+            send(servers[index], signal.SIGCONT)
 
-    for server in servers[1:]:
-        os.killpg(server.pid, signal.SIGSTOP)
     thread = threading.Thread(target=turns, name="taking-turns", daemon=True)
     try:
+        for server in servers[1:]:
+            send(server, signal.SIGSTOP)
         thread.start()
         yield
     finally:
@@ -186,8 +190,7 @@ def taking_turns(servers: Sequence[Server], seconds: float) -> Iterator[None]:
         if thread.is_alive():
             thread.join()
         for server in servers:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGCONT)
+            send(server, signal.SIGCONT)
 
 
 # --- /proc measurements ---------------------------------------------------------------------------
