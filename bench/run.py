@@ -216,6 +216,36 @@ class Bench:
             connections=self.config.connections,
         )
 
+    def pair_run(
+        self,
+        pool: ThreadPoolExecutor,
+        pair: tuple[Contender, Contender],
+        seconds: float = 0.0,
+        turns: float = 0.0,
+    ) -> tuple[tuple[Any, Any], tuple[float, float], float]:
+        """Both servers of a pair under full load at once, one wrk per server with half the
+        full-load run's threads (with as many in all as one run has: with twice as many, one
+        server's wrk got less of their shared CPU, and that server idled, 0.39 of the core
+        against 0.56); with `turns`, the servers take turns on their core that often
+        (`procs.taking_turns`). Returns their results, their servers' CPU seconds, and the wall
+        seconds it took."""
+        threads = max(1, self.config.wrk_threads // 2)
+        marks = [procs.cpu_seconds(t.server.pid) for t in pair]
+        started = time.perf_counter()
+        with (
+            procs.taking_turns([t.server for t in pair], turns)
+            if turns
+            else contextlib.nullcontext()
+        ):
+            futures = [
+                pool.submit(self.one_run, t.server, t.tokens, t.tokens_file, threads, seconds)
+                for t in pair
+            ]
+            a, b = (future.result() for future in futures)
+        wall = time.perf_counter() - started
+        used = [procs.cpu_seconds(t.server.pid) - mark for t, mark in zip(pair, marks, strict=True)]
+        return (a, b), (used[0], used[1]), wall
+
     def measured_run(
         self, server: procs.Server, tokens: list[str], tokens_file: Path, database: bool
     ) -> tuple[Any, dict[str, float]]:
@@ -384,25 +414,12 @@ def side_by_side(bench: Bench, pairs: list[tuple[Contender, Contender]]) -> None
     if bench.wrk is None or bench.server_cpus is None:
         bench.note("side-by-side runs skipped: they need wrk and the servers pinned to one CPU")
         return
-    # As many wrk threads in all as one full-load run has: with twice as many, one server's
-    # wrk got less of their shared CPU, and that server idled (0.39 of the core against 0.56).
-    threads = max(1, bench.config.wrk_threads // 2)
     figures: dict[str, Any] = {}
     with ThreadPoolExecutor(max_workers=2) as pool:
         for index in range(bench.config.repeat):
             for top, bottom in pairs:
-                marks = {t.name: procs.cpu_seconds(t.server.pid) for t in (top, bottom)}
-                started = time.perf_counter()
-                futures = [
-                    pool.submit(bench.one_run, t.server, t.tokens, t.tokens_file, threads)
-                    for t in (top, bottom)
-                ]
-                a, b = (future.result() for future in futures)
-                wall = time.perf_counter() - started
-                cores = {
-                    t.name: (procs.cpu_seconds(t.server.pid) - marks[t.name]) / wall
-                    for t in (top, bottom)
-                }
+                (a, b), used, wall = bench.pair_run(pool, (top, bottom))
+                cores = {top.name: used[0] / wall, bottom.name: used[1] / wall}
                 pair = figures.setdefault(
                     f"{top.name}/{bottom.name}", {"ratios": [], "runs": [], "cpu_cores": []}
                 )
@@ -421,7 +438,8 @@ def side_by_side(bench: Bench, pairs: list[tuple[Contender, Contender]]) -> None
 def alternating(bench: Bench, pairs: list[tuple[Contender, Contender]]) -> None:
     """Each pair under full load for twice BENCH_DURATION, the two servers taking turns on
     their core every ALTERNATE_SECONDS (`procs.taking_turns`: one runs while the other is
-    stopped), `repeat` times; the ratio of verifications per second of server CPU. Each server
+    stopped), `repeat` times; the ratios of verifications per second of server CPU and of
+    verifications in the same wall time (req/s). Each server
     has the core and its caches to itself while it runs, as in the interleaved runs, and the
     turns are short enough that the shared machine's speed, which drifts over tens of seconds,
     weighs on both alike, as side by side. The interleaved 10 s rounds see that drift (and
@@ -431,26 +449,15 @@ def alternating(bench: Bench, pairs: list[tuple[Contender, Contender]]) -> None:
     if bench.wrk is None or bench.server_cpus is None:
         bench.note("alternating runs skipped: they need wrk and the servers pinned to one CPU")
         return
-    threads = max(1, bench.config.wrk_threads // 2)  # as side by side
     seconds = 2 * bench.config.duration
     figures: dict[str, Any] = {}
     with ThreadPoolExecutor(max_workers=2) as pool:
         for index in range(bench.config.repeat):
             for top, bottom in pairs:
-                pair = (top, bottom)
-                marks = {t.name: procs.cpu_seconds(t.server.pid) for t in pair}
-                with procs.taking_turns([t.server for t in pair], ALTERNATE_SECONDS):
-                    futures = [
-                        pool.submit(
-                            bench.one_run, t.server, t.tokens, t.tokens_file, threads, seconds
-                        )
-                        for t in pair
-                    ]
-                    a, b = (future.result() for future in futures)
-                cpu = {t.name: procs.cpu_seconds(t.server.pid) - marks[t.name] for t in pair}
+                (a, b), used, _ = bench.pair_run(pool, (top, bottom), seconds, ALTERNATE_SECONDS)
+                cpu = {top.name: used[0], bottom.name: used[1]}
                 per_cpu = [
-                    r.requests / cpu[t.name] if cpu[t.name] > 0 else 0.0
-                    for r, t in ((a, top), (b, bottom))
+                    r.requests / c if c > 0 else 0.0 for r, c in ((a, used[0]), (b, used[1]))
                 ]
                 entry = figures.setdefault(
                     f"{top.name}/{bottom.name}",
@@ -568,12 +575,16 @@ TARGETS = [
     Target(f"{LARGE} / {SMALL} per server CPU-s, turns", _alternated(LARGE, SMALL), 0.9, True),
     Target("  same, req/s, turns", _alternated(LARGE, SMALL, "request_ratios"), 0.9, True),
     Target(
-        "  same, req/s, interleaved 10 s rounds", _paired(LARGE, SMALL, False), 0.9, True, "", False
+        "  same, req/s, interleaved 10 s rounds",
+        _paired(LARGE, SMALL, False),
+        0.9,
+        True,
+        check=False,
     ),
     Target(
-        "  same, per server CPU-s, 10 s rounds", _paired(LARGE, SMALL, True), 0.9, True, "", False
+        "  same, per server CPU-s, 10 s rounds", _paired(LARGE, SMALL, True), 0.9, True, check=False
     ),
-    Target("  same, side by side on one core", _side_by_side(LARGE, SMALL), 0.9, True, "", False),
+    Target("  same, side by side on one core", _side_by_side(LARGE, SMALL), 0.9, True, check=False),
     Target(
         f"{LARGE} p99 at half load",
         lambda r: float(_half_load_figures(r[LARGE]["half_load"])["p99_ms"]),
